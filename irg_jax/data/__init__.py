@@ -1,0 +1,1 @@
+"""Data: IRG's parquet conversation format, image transforms, tokenizers, packing, Grain pipeline."""

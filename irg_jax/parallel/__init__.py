@@ -1,0 +1,1 @@
+"""Device mesh, logical sharding rules and multi-host start-up."""

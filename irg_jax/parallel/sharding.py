@@ -1,0 +1,146 @@
+"""Logical-axis sharding: parameters and activations name their axes, a rules table maps names to mesh axes.
+
+Every parameter is created as ``nnx.Param(value, logical_axes=(...))`` (see
+:func:`param`). The rules table (``config.sharding.rules``) is a sequence of
+``(logical_name, mesh_axes)`` pairs, where ``mesh_axes`` is a mesh axis name, a tuple of
+names, or ``None`` (replicated). The first rule for a name wins; names without a rule
+are replicated.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+Rules = Sequence[tuple[str, Any]]
+_ACTIVE_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("irg_rules", default=None)
+
+
+def param(value: jax.Array, logical_axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter with one logical axis name per dimension."""
+    if len(logical_axes) != np.ndim(value):
+        raise ValueError(f"logical_axes {logical_axes} do not match parameter rank {np.ndim(value)}")
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, shape: Sequence[int] | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> P:
+    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once.
+
+    With ``shape`` and ``mesh``, a dimension that the mesh axes do not divide stays
+    replicated instead of failing at compile time.
+    """
+    if names is None:
+        return P()
+    table: dict[str, Any] = {}
+    for name, axes in rules:
+        table.setdefault(name, axes)
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        axes = table.get(name) if name is not None else None
+        if axes is None:
+            out.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes_t = tuple(a for a in axes_t if a not in used)
+        if mesh is not None:
+            axes_t = tuple(a for a in axes_t if mesh.shape[a] > 1)
+            if shape is not None and axes_t:
+                size = int(np.prod([mesh.shape[a] for a in axes_t]))
+                if shape[i] % size:
+                    axes_t = ()
+        used.update(axes_t)
+        out.append(None if not axes_t else (axes_t[0] if len(axes_t) == 1 else axes_t))
+    return P(*out)
+
+
+def _logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
+    return var.get_metadata().get("logical_axes")
+
+
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
+    """NamedShardings for every leaf of an (abstract) nnx State, from its logical axes."""
+
+    def one(var):
+        shape = getattr(var, "shape", None) or np.shape(var.get_value())
+        spec = logical_to_spec(_logical_axes(var), rules, shape, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def tree_shardings(tree: Any, axes_tree: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+    """NamedShardings for a plain pytree given a matching pytree of logical-axis tuples."""
+    return jax.tree.map(
+        lambda x, names: NamedSharding(mesh, logical_to_spec(names, rules, np.shape(x), mesh)),
+        tree, axes_tree, is_leaf=lambda n: n is None or isinstance(n, tuple))
+
+
+def sharded_init(create: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, rules: Rules) -> nnx.Module:
+    """Create a module directly in its sharded layout.
+
+    ``eval_shape`` gives the abstract state, the rules give its shardings, and the
+    state is created by a jit with those ``out_shardings``: no device or host ever
+    holds the full state.
+    """
+    abstract = nnx.eval_shape(create)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    @jax.jit
+    def make():
+        return nnx.split(create())[1]
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(make, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def replicated_fraction(state: Any) -> float:
+    """Fraction of parameter bytes that are fully replicated across the devices of their sharding."""
+    total = replicated = 0
+    for leaf in jax.tree.leaves(state):
+        if not isinstance(leaf, jax.Array):
+            continue
+        nbytes = leaf.size * leaf.dtype.itemsize
+        total += nbytes
+        if leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) > 1:
+            replicated += nbytes
+    return replicated / max(total, 1)
+
+
+def bytes_per_device(state: Any) -> dict[int, int]:
+    """Parameter bytes held by each device (from addressable shards)."""
+    out: dict[int, int] = {}
+    for leaf in jax.tree.leaves(state):
+        if not isinstance(leaf, jax.Array):
+            continue
+        for shard in leaf.addressable_shards:
+            out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.size * shard.data.dtype.itemsize
+    return out
+
+
+@contextlib.contextmanager
+def activation_rules(rules: Rules):
+    """Make ``rules`` the table used by :func:`constrain` inside this context."""
+    token = _ACTIVE_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding by logical names; a no-op without a mesh or rules."""
+    rules = _ACTIVE_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(names, rules, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
