@@ -1,0 +1,245 @@
+"""Packed attention whose mask is computed blockwise from per-token metadata.
+
+Every query and key token carries :class:`TokenMeta` (document id, split id, split mode,
+logical sequence position). The rule of spec §2.5, evaluated on logical positions:
+
+    allowed(q, k) = same_doc(q, k)
+                    and (pos(k) <= pos(q) or (same_split(q, k) and mode(q) != CAUSAL))
+                    and not (mode(k) == NOISE and not same_split(q, k))
+
+The same rule serves the KV cache: cached keys sit at earlier positions of document 0,
+empty cache slots belong to no query's document (``INVALID_DOC``), which gives the
+bottom-right causal alignment of new text against the cache.
+
+Implementations are registered by name (``config.model.attention.impl``) and share the
+signature ``fn(q, k, v, q_meta, k_meta, *, block_q, block_k) -> out``:
+``q [B, Lq, Hq, D]``, ``k, v [B, Lk, Hk, D]`` (``Hq`` a multiple of ``Hk``: GQA), metadata
+arrays ``[B, Lq]`` / ``[B, Lk]``, output ``[B, Lq, Hq, D]`` in ``q.dtype``.
+
+* ``chunked``: flash-style; query blocks x key blocks with an online softmax, a custom
+  VJP that recomputes probabilities blockwise, and fully masked blocks skipped. Memory is
+  O(L) in the sequence; no L x L array exists.
+* ``dense``: materialises the full mask; a reference for tests and tiny inputs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from irg_jax.data.packed_batch import CAUSAL, NOISE
+
+INVALID_DOC = -1  # keys in no document: empty cache slots, block padding
+_PAD_QUERY_DOC = -2  # query block padding (attends to nothing)
+_NEG = -1e30
+
+
+class TokenMeta(NamedTuple):
+    """Per-token attention metadata, each int32 [B, L]."""
+
+    doc_id: jax.Array
+    split_id: jax.Array
+    split_mode: jax.Array
+    seq_pos: jax.Array
+
+    @staticmethod
+    def concat(metas: list["TokenMeta"]) -> "TokenMeta":
+        return TokenMeta(*(jnp.concatenate(f, axis=1) for f in zip(*metas)))
+
+
+def allowed_mask(q: TokenMeta, k: TokenMeta) -> jax.Array:
+    """bool [B, Lq, Lk]: may query i attend to key j (spec §2.5 on logical positions)."""
+    qd, qs, qm, qp = (a[:, :, None] for a in q)
+    kd, ks, km, kp = (a[:, None, :] for a in k)
+    same_split = qs == ks
+    visible = (kp <= qp) | (same_split & (qm != CAUSAL))
+    return (qd == kd) & visible & ~((km == NOISE) & ~same_split)
+
+
+AttentionFn = Callable[..., jax.Array]
+_REGISTRY: dict[str, AttentionFn] = {}
+
+
+def register(name: str) -> Callable[[AttentionFn], AttentionFn]:
+    """Decorator: make ``fn`` available as ``config.model.attention.impl = name``."""
+
+    def deco(fn: AttentionFn) -> AttentionFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get(name: str) -> AttentionFn:
+    if name not in _REGISTRY:
+        raise ValueError(f"model.attention.impl={name!r}: unknown; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def attend(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, attn_cfg) -> jax.Array:
+    """Dispatch on ``attn_cfg.impl`` (a ``model.attention`` ConfigDict)."""
+    return get(attn_cfg.impl)(q, k, v, q_meta, k_meta, block_q=attn_cfg.block_q, block_k=attn_cfg.block_k)
+
+
+def _check_shapes(q, k, v):
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} are not [B, L, H, D] compatible")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+
+
+@register("dense")
+def dense_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q: int = 0, block_k: int = 0):
+    """Reference: full scores and the full boolean mask (tiny inputs only)."""
+    del block_q, block_k
+    _check_shapes(q, k, v)
+    b, lq, hq, d = q.shape
+    hk = k.shape[2]
+    qg = q.reshape(b, lq, hk, hq // hk, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+    mask = allowed_mask(q_meta, k_meta)[:, None, None]
+    s = jnp.where(mask, s, _NEG)
+    p = jnp.exp(s - s.max(-1, keepdims=True)) * mask
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, lq, hq, d).astype(q.dtype)
+
+
+# ---------------------------------------------------------------- chunked (flash-style)
+
+def _pad_to(x: jax.Array, axis: int, size: int, value) -> jax.Array:
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x: jax.Array, n: int) -> jax.Array:
+    """[B, n*blk, ...] -> [n, B, blk, ...]."""
+    return jnp.moveaxis(x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x: jax.Array) -> jax.Array:
+    """[n, B, blk, ...] -> [B, n*blk, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _meta_blocks(m: TokenMeta, n: int, size: int, pad_doc: int) -> TokenMeta:
+    fill = (pad_doc, -1, CAUSAL, 2**30)
+    return TokenMeta(*(_blocks(_pad_to(a, 1, size, f), n) for a, f in zip(m, fill)))
+
+
+def _block_scores(qb, kb, qm, km, scale):
+    """Scores [B, Hk, G, bq, bk] (fp32, masked to _NEG) and the mask [B, 1, 1, bq, bk]."""
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * scale
+    mask = allowed_mask(qm, km)[:, None, None]
+    return jnp.where(mask, s, _NEG), mask
+
+
+def _flash_forward(q, k, v, qm, km, scale):
+    """q [nq, B, bq, Hk, G, D], k/v [nk, B, bk, Hk, D] -> out like q, lse [nq, B, Hk, G, bq]."""
+    nq, b, bq, hk, g, d = q.shape
+
+    def q_block(args):
+        qb, qmb = args
+
+        def k_block(carry, kargs):
+            kb, vb, kmb = kargs
+
+            def compute(carry):
+                m, l, acc = carry
+                s, mask = _block_scores(qb, kb, qmb, kmb, scale)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.exp(s - m_new[..., None]) * mask
+                corr = jnp.exp(m - m_new)
+                acc = acc * corr[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb,
+                                                         preferred_element_type=jnp.float32)
+                return m_new, l * corr + p.sum(-1), acc
+
+            any_allowed = jnp.any(allowed_mask(qmb, kmb))
+            return jax.lax.cond(any_allowed, compute, lambda c: c, carry), None
+
+        init = (jnp.full((b, hk, g, bq), _NEG, jnp.float32), jnp.zeros((b, hk, g, bq), jnp.float32),
+                jnp.zeros((b, hk, g, bq, d), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(k_block, init, (k, v, km))
+        safe_l = jnp.where(l > 0, l, 1.0)
+        out = acc / safe_l[..., None]
+        lse = jnp.where(l > 0, m + jnp.log(safe_l), _NEG)
+        return jnp.moveaxis(out, 3, 1).astype(qb.dtype), lse  # out [B, bq, Hk, G, D]
+
+    return jax.lax.map(q_block, (q, qm))
+
+
+def _flash_backward(q, k, v, qm, km, out, lse, dout, scale):
+    """Gradients for q, k, v (blocked layouts as in _flash_forward)."""
+    delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+
+    def q_block(dkv, args):
+        qb, qmb, dob, lseb, deltab = args
+
+        def k_block(dq, kargs):
+            kb, vb, kmb = kargs
+
+            def compute(dq):
+                s, mask = _block_scores(qb, kb, qmb, kmb, scale)
+                p = jnp.exp(s - lseb[..., None]) * mask
+                dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, preferred_element_type=jnp.float32)
+                ds = (p * (dp - deltab[..., None]) * scale).astype(qb.dtype)
+                dq = dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds, kb, preferred_element_type=jnp.float32)
+                dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qb, preferred_element_type=jnp.float32)
+                return dq, (dk, dv)
+
+            def skip(dq):
+                zeros = jnp.zeros(kb.shape, jnp.float32)
+                return dq, (zeros, zeros)
+
+            return jax.lax.cond(jnp.any(allowed_mask(qmb, kmb)), compute, skip, dq)
+
+        dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), (k, v, km))
+        return (dkv[0] + dk, dkv[1] + dv), dq
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), (q, qm, dout, lse, delta))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, qm, km, scale):
+    return _flash_forward(q, k, v, qm, km, scale)[0]
+
+
+def _flash_fwd(q, k, v, qm, km, scale):
+    out, lse = _flash_forward(q, k, v, qm, km, scale)
+    return out, (q, k, v, qm, km, out, lse)
+
+
+def _flash_bwd(scale, res, dout):
+    q, k, v, qm, km, out, lse = res
+    dq, dk, dv = _flash_backward(q, k, v, qm, km, out, lse, dout, scale)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@register("chunked")
+def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q: int = 512, block_k: int = 512):
+    """Flash-style blockwise attention; the mask of each (query, key) block comes from metadata."""
+    _check_shapes(q, k, v)
+    b, lq, hq, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    bq, bk = min(block_q, lq), min(block_k, lk)
+    nq, nk = -(-lq // bq), -(-lk // bk)
+    qg = _blocks(_pad_to(q, 1, nq * bq, 0).reshape(b, nq * bq, hk, hq // hk, d), nq)
+    kb = _blocks(_pad_to(k, 1, nk * bk, 0), nk)
+    vb = _blocks(_pad_to(v, 1, nk * bk, 0), nk)
+    qm = _meta_blocks(q_meta, nq, nq * bq, _PAD_QUERY_DOC)
+    km = _meta_blocks(k_meta, nk, nk * bk, INVALID_DOC)
+    out = _flash(qg, kb, vb, qm, km, d ** -0.5)
+    return _unblocks(out)[:, :lq].reshape(b, lq, hq, d)

@@ -1,0 +1,1 @@
+"""Training: loss, optimiser and freezing, train state, the jitted step, checkpoints, metrics, the loop."""

@@ -1,0 +1,44 @@
+"""Train IRG: ``python -m irg_jax.train --config configs/<name>.py[:arg] --workdir DIR [--config.key=value ...]``.
+
+The config file's ``get_config(arg)`` builds the config; ``--config.a.b=v`` overrides any
+key (unknown keys are rejected). The resolved config is validated before any device work
+and written to ``DIR/config.json``. Re-running the same command resumes from the latest
+complete checkpoint in DIR.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config: path/to/config.py[:arg]. Override keys with --config.key=value.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, resolved config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from irg_jax import runtime
+    from irg_jax.config import ConfigError, validate, write_resolved
+
+    runtime.maybe_initialize_distributed()
+    config = _CONFIG.value
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from None
+    if runtime.is_primary():
+        path = write_resolved(config, _WORKDIR.value)
+        logging.info("resolved config written to %s", path)
+
+    from irg_jax.train import loop
+    loop.train(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(".cache/jax"))
+    app.run(main)

@@ -1,0 +1,88 @@
+"""The jitted train step: loss, gradients (with accumulation), guarded update, EMA."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from irg_jax.train import loss as loss_lib
+from irg_jax.train.state import TrainState
+
+# forward(params, batch, rng) -> {"ce_logits", "velocity", "target"}
+ForwardFn = Callable[[Any, dict, jax.Array], dict]
+
+
+def _micro_batches(batch: dict, k: int) -> dict:
+    return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+
+def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict,
+                    step_frozen: Callable[[jax.Array], Any]) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Build ``train_step(state, batch) -> (state, metrics)`` (jit it with shardings)."""
+    accum = config.optim.grad_accum_steps
+    w_ce, w_mse = config.loss.ce_weight, config.loss.mse_weight
+    text_off_at, image_off_at = config.loss.text_loss_disable_step, config.loss.image_loss_disable_step
+    ema_decay = config.ema.decay
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        n_ce, n_mse = loss_lib.token_counts(batch)  # global counts over the whole step
+        n_ce_safe, n_mse_safe = jnp.maximum(n_ce, 1), jnp.maximum(n_mse, 1)
+        text_on = (text_off_at < 0) | (state.step < text_off_at)
+        image_on = (image_off_at < 0) | (state.step < image_off_at)
+
+        def micro_loss(params, micro, key):
+            out = forward(params, micro, key)
+            ce = loss_lib.ce_sum(out["ce_logits"], micro["ce_labels"], micro["ce_valid"]) / n_ce_safe
+            mse = loss_lib.mse_sum(out["velocity"], out["target"], micro["latent_noisy"]) / n_mse_safe
+            total = jnp.where(text_on, w_ce * ce, 0.0) + jnp.where(image_on, w_mse * mse, 0.0)
+            return total, (ce, mse)
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        if accum == 1:
+            (loss, (ce, mse)), grads = grad_fn(state.params, batch, step_key)
+        else:
+            def body(carry, xs):
+                micro, i = xs
+                (l, (c, m)), g = grad_fn(state.params, micro, jax.random.fold_in(step_key, i))
+                acc_g, acc_l, acc_c, acc_m = carry
+                return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_c + c, acc_m + m), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, loss, ce, mse), _ = jax.lax.scan(
+                body, (zeros, 0.0, 0.0, 0.0), (_micro_batches(batch, accum), jnp.arange(accum)))
+
+        frozen = step_frozen(state.step)
+        grads = jax.tree.map(lambda g, f: jnp.where(f, jnp.zeros_like(g), g), grads, frozen)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u, f: jnp.where(f, jnp.zeros_like(u), u), updates, frozen)
+        new_params = optax.apply_updates(state.params, updates)
+        if state.ema:
+            new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, new_params)
+        else:
+            new_ema = state.ema
+
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + jnp.where(finite, 1, 0).astype(jnp.int32),
+            params=keep(new_params, state.params),
+            ema=keep(new_ema, state.ema),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
+        )
+        metrics = {
+            "loss": loss, "ce": ce, "mse": mse, "grad_norm": grad_norm,
+            "lr": schedule(state.step), "ce_tokens": n_ce, "mse_tokens": n_mse,
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
