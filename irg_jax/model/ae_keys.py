@@ -59,11 +59,15 @@ def load_autoencoder(path, ae_cfg) -> FluxAutoEncoder:
     """Build the FLUX AE of ``ae_cfg`` (kind 'flux') from a FLUX-layout ``ae.safetensors``."""
     if ae_cfg.kind != "flux":
         raise ValueError(f"load_autoencoder needs ae_cfg.kind == 'flux', got {ae_cfg.kind!r}")
-    path = pathlib.Path(path)
-    tensors = load_file(str(path))
-    values = flux_values(tensors, ae_cfg, origin=str(path))
+    return autoencoder_from_tensors(load_file(str(path)), ae_cfg, origin=str(path))
+
+
+def autoencoder_from_tensors(tensors: Mapping[str, np.ndarray], ae_cfg,
+                             origin: str = "ae.safetensors") -> FluxAutoEncoder:
+    """Build the FLUX AE from an in-memory FLUX state dict (see :func:`load_autoencoder`)."""
+    values = flux_values(tensors, ae_cfg, origin)
     dtype = ae_cfg.get("dtype", "float32")
-    return build_from_arrays(lambda: FluxAutoEncoder(ae_cfg, nnx.Rngs(0), dtype=dtype), values, str(path))
+    return build_from_arrays(lambda: FluxAutoEncoder(ae_cfg, nnx.Rngs(0), dtype=dtype), values, origin)
 
 
 def ae_config_from_json(path) -> ml_collections.ConfigDict:

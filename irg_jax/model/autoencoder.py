@@ -77,17 +77,18 @@ class ResnetBlock(nnx.Module):
         return x + h
 
 
-def _single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(C)) v for [N, T, C] inputs, queries in chunks to bound memory."""
+def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          query_chunk: int = _ATTN_QUERY_CHUNK) -> jax.Array:
+    """softmax(q k^T / sqrt(C)) v for [N, T, C] inputs; queries in chunks of ``query_chunk`` bound memory."""
     def dense(qc):
         s = jnp.einsum("nqc,nkc->nqk", qc, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
         return jnp.einsum("nqk,nkc->nqc", jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
 
     n, t, c = q.shape
-    if t <= _ATTN_QUERY_CHUNK:
+    if t <= query_chunk:
         return dense(q)
-    pad = -t % _ATTN_QUERY_CHUNK
-    chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(n, -1, _ATTN_QUERY_CHUNK, c).swapaxes(0, 1)
+    pad = -t % query_chunk
+    chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(n, -1, query_chunk, c).swapaxes(0, 1)
     out = jax.lax.map(dense, chunks).swapaxes(0, 1).reshape(n, t + pad, c)
     return out[:, :t]
 
@@ -106,7 +107,7 @@ class AttnBlock(nnx.Module):
         n, h, w, c = x.shape
         y = self.norm(x)
         flat = lambda t: t.reshape(n, h * w, c)
-        out = _single_head_attention(flat(self.q(y)), flat(self.k(y)), flat(self.v(y)))
+        out = single_head_attention(flat(self.q(y)), flat(self.k(y)), flat(self.v(y)))
         return x + self.proj_out(out.reshape(n, h, w, c))
 
 
@@ -137,19 +138,21 @@ class MidBlock(nnx.Module):
 
 
 class Level(nnx.Module):
-    """One resolution: ResNet blocks, then an optional down- or upsample."""
+    """One resolution: ResNet blocks, then the encoder's downsample or the decoder's upsample (if any)."""
 
-    def __init__(self, widths: list[tuple[int, int]], resample: nnx.Module | None, rngs: nnx.Rngs,
-                 resample_name: str):
+    def __init__(self, widths: list[tuple[int, int]], rngs: nnx.Rngs, *, downsample: Downsample | None = None,
+                 upsample: Upsample | None = None):
         self.block = nnx.List([ResnetBlock(i, o, rngs) for i, o in widths])
-        self.resample_name = resample_name
-        setattr(self, resample_name, resample)
+        self.downsample = downsample
+        self.upsample = upsample
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for blk in self.block:
             x = blk(x)
-        resample = getattr(self, self.resample_name)
-        return x if resample is None else resample(x)
+        for resample in (self.downsample, self.upsample):
+            if resample is not None:
+                x = resample(x)
+        return x
 
 
 class Encoder(nnx.Module):
@@ -162,7 +165,7 @@ class Encoder(nnx.Module):
             widths = [(block_in if b == 0 else ch * m, ch * m) for b in range(nres)]
             block_in = ch * m
             down = Downsample(block_in, rngs) if i != len(mult) - 1 else None
-            levels.append(Level(widths, down, rngs, "downsample"))
+            levels.append(Level(widths, rngs, downsample=down))
         self.down = nnx.List(levels)
         self.mid = MidBlock(block_in, rngs)
         self.norm_out = GroupNorm(block_in)
@@ -189,7 +192,7 @@ class Decoder(nnx.Module):
             widths = [(block_in if b == 0 else ch * mult[i], ch * mult[i]) for b in range(nres + 1)]
             block_in = ch * mult[i]
             up = Upsample(block_in, rngs) if i != 0 else None
-            levels.insert(0, Level(widths, up, rngs, "upsample"))
+            levels.insert(0, Level(widths, rngs, upsample=up))
         self.up = nnx.List(levels)
         self.norm_out = GroupNorm(block_in)
         self.conv_out = Conv2d(block_in, ae_cfg.out_ch, 3, rngs)
@@ -203,7 +206,7 @@ class Decoder(nnx.Module):
 
 def _posterior_noise(noise, shape) -> jax.Array:
     """A PRNG key -> N(0, 1) of ``shape``; an array -> checked and returned as float32."""
-    noise = jnp.asarray(noise) if not isinstance(noise, jax.Array) else noise
+    noise = jnp.asarray(noise)
     is_key = jax.dtypes.issubdtype(noise.dtype, jax.dtypes.prng_key) or (
         noise.dtype == jnp.uint32 and noise.shape == (2,))
     if is_key:

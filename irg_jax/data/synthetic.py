@@ -1,0 +1,467 @@
+"""The synthetic, verifiable IRG world: scenes, trajectories and the six mode datasets.
+
+    python -m irg_jax.data.synthetic --out DIR --num N --seed S [--size 32] [--heldout K]
+
+Each trajectory: a templated prompt of a GenEval category; a think-1 plan that fixes
+what the prompt leaves open (colours, sizes, places); image 1, which with probability
+``defect_prob`` is deliberately wrong in one way (colour, count, shape or position;
+recorded in the metadata); a four-section reflection that names that defect (or says
+the image already matches and only polishes it); and image 2, the correct rendering of
+the plan. Everything is a pure function of (seed, index), so runs are deterministic.
+
+DIR receives the six mode datasets (:mod:`irg_jax.data.trajectories`), ``records.jsonl``
+(texts, metadata and base64 images of every trajectory), ``heldout_prompts.jsonl``
+(prompts whose meaning never occurs in training, with their constraints),
+``vocab.json`` (every word the world can emit) and ``world.json`` (the settings).
+
+By default the initial modes learn the *correct* image after think 1 (so turn 1 is not
+taught to be wrong); the improving modes see the possibly wrong image 1 as condition.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import random
+import sys
+import time
+from typing import Iterator, Sequence
+
+from irg_jax.data import scenes
+from irg_jax.data import synthetic_text as text
+from irg_jax.data.synthetic_prompts import CATEGORIES, INVERSE_RELATION, MAX_COUNT, PromptSpec, prompt_space
+from irg_jax.data.trajectories import DEFAULT_ROWS_PER_GROUP, ModeDatasetWriter, TrajectoryRecord
+
+DEFECT_TYPES: tuple[str, ...] = ("colour", "count", "shape", "position")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    size: int = 32
+    colours: tuple[str, ...] = scenes.DEFAULT_COLOURS
+    shapes: tuple[str, ...] = scenes.SHAPES
+    categories: tuple[str, ...] = CATEGORIES  # sampled uniformly
+    defect_prob: float = 0.5
+    heldout_fraction: float = 0.25  # at most this share of a category's meanings is held out (at least 1)
+    system_prompt: str = text.SYSTEM_PROMPT_SHORT
+    initial_image_source: str = "image2"  # see ModeDatasetWriter
+
+    def __post_init__(self):
+        scenes.check_canvas(self.size)
+        unknown = [c for c in self.colours if c not in scenes.PALETTE]
+        if unknown or len(self.colours) < 2:
+            raise ValueError(f"colours {list(self.colours)} must be >= 2 names from {list(scenes.PALETTE)}")
+        if not set(self.shapes) <= set(scenes.SHAPES) or len(self.shapes) < 2:
+            raise ValueError(f"shapes {list(self.shapes)} must be >= 2 of {scenes.SHAPES}")
+        if not 0.0 <= self.defect_prob <= 1.0:
+            raise ValueError(f"defect_prob must be in [0, 1], got {self.defect_prob}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedGroup:
+    """A prompt group with everything the plan fixes: colour, size and place."""
+
+    shape: str
+    count: int
+    colour: str
+    size: str
+    place: str  # a CELL_WORDS entry (or "left"/"top"...) for one object; an ARRANGEMENTS entry otherwise
+
+    def phrase(self) -> str:
+        if self.count == 1:
+            return text.fill("single", size=self.size, colour=self.colour, shape=self.shape, where=self.place)
+        return text.fill("multiple", number=text.number_word(self.count), size=self.size, colour=self.colour,
+                         plural=scenes.PLURALS[self.shape], arrangement=self.place)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    index: int
+    spec: PromptSpec
+    plan: tuple[PlannedGroup, ...]
+    objects: tuple[scenes.SceneObject, ...]  # correct scene (image 2)
+    group_of: tuple[int, ...]  # plan group of each object
+    objects1: tuple[scenes.SceneObject, ...]  # image 1
+    defect: dict | None
+    think1: str
+    think2: str
+
+    @property
+    def plan_text(self) -> str:
+        return " . ".join(g.phrase() for g in self.plan) + " ."
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+class _Layout:
+    """Places boxes in cells with a guaranteed gap of 2*margin between neighbouring cells."""
+
+    def __init__(self, canvas: int, rng: random.Random):
+        self.canvas = canvas
+        self.rng = rng
+        self.margin = max(1, round(canvas / 32))
+        self.max_jitter = max(1, round(0.12 * canvas))
+
+    def start(self, a: float, b: float, side: int, lone: bool = False) -> int:
+        """A random box start in [a, b) keeping ``margin`` from the cell edges."""
+        centred = round((a + b - side) / 2)
+        lo = max(math.ceil(a + self.margin), centred - self.max_jitter)
+        hi = min(math.floor(b - self.margin - side), centred + self.max_jitter)
+        if lone:
+            lo, hi = min(lo, centred - self.margin), max(hi, centred + self.margin)
+        lo, hi = max(lo, 0), min(hi, self.canvas - side)
+        if lo > hi:
+            lo = hi = min(max(centred, 0), self.canvas - side)
+        return self.rng.randint(lo, hi)
+
+    def obj(self, group: PlannedGroup, x0: int, y0: int, side: int) -> scenes.SceneObject:
+        h = side // 2
+        return scenes.SceneObject(group.shape, group.colour, group.size, x0 + h, y0 + h, side)
+
+
+def _plan_and_place(spec: PromptSpec, cfg: WorldConfig, rng: random.Random
+                    ) -> tuple[tuple[PlannedGroup, ...], list[scenes.SceneObject], list[int]]:
+    S = cfg.size
+    lay = _Layout(S, rng)
+    sizes = tuple(scenes.SIZES_AT_32)
+    objects: list[scenes.SceneObject] = []
+    group_of: list[int] = []
+
+    if len(spec.groups) == 2:  # two single objects, one per half
+        if spec.relation is not None:
+            horizontal = spec.relation in ("left of", "right of")
+            first_is_0 = spec.relation in ("left of", "above")
+        else:
+            horizontal, first_is_0 = rng.random() < 0.5, rng.random() < 0.5
+        slots = [0, 1] if first_is_0 else [1, 0]  # slot of each group
+        words = ("left", "right") if horizontal else ("top", "bottom")
+        plan = []
+        for gi, g in enumerate(spec.groups):
+            size = rng.choice(sizes)
+            planned = PlannedGroup(g.shape, 1, g.colour or rng.choice(cfg.colours), size, words[slots[gi]])
+            plan.append(planned)
+            side = scenes.object_side(size, S)
+            lo, hi = slots[gi] * S / 2, (slots[gi] + 1) * S / 2
+            along, across = lay.start(lo, hi, side), lay.start(0, S, side)
+            x0, y0 = (along, across) if horizontal else (across, along)
+            objects.append(lay.obj(planned, x0, y0, side))
+            group_of.append(gi)
+        return tuple(plan), objects, group_of
+
+    (g,) = spec.groups
+    colour = g.colour or rng.choice(cfg.colours)
+    n = g.count
+    size = "small" if n == 3 else rng.choice(sizes)
+    side = scenes.object_side(size, S)
+    if n == 1:
+        cell = rng.randrange(9)
+        planned = PlannedGroup(g.shape, 1, colour, size, text.CELL_WORDS[cell])
+        r, c = divmod(cell, 3)
+        x0 = lay.start(c * S / 3, (c + 1) * S / 3, side, lone=True)
+        y0 = lay.start(r * S / 3, (r + 1) * S / 3, side, lone=True)
+        return (planned,), [lay.obj(planned, x0, y0, side)], [0]
+    if n == 4:
+        arrangement = "in a grid"
+        cells = [(c * S / 2, r * S / 2, S / 2) for r in range(2) for c in range(2)]
+        planned = PlannedGroup(g.shape, n, colour, size, arrangement)
+        for cx0, cy0, w in cells:
+            objects.append(lay.obj(planned, lay.start(cx0, cx0 + w, side), lay.start(cy0, cy0 + w, side), side))
+        return (planned,), objects, [0] * n
+    horizontal = rng.random() < 0.5
+    arrangement = {(2, True): "side by side", (2, False): "one above the other",
+                   (3, True): "in a row", (3, False): "in a column"}[(n, horizontal)]
+    planned = PlannedGroup(g.shape, n, colour, size, arrangement)
+    across = lay.start(0, S, side)  # shared by the row or column
+    for k in range(n):
+        along = lay.start(k * S / n, (k + 1) * S / n, side)
+        x0, y0 = (along, across) if horizontal else (across, along)
+        objects.append(lay.obj(planned, x0, y0, side))
+    return (planned,), objects, [0] * n
+
+
+def _free_spot(objects: Sequence[scenes.SceneObject], side: int, cfg: WorldConfig, rng: random.Random
+               ) -> tuple[int, int] | None:
+    """A box start at least 2*margin away from every object, or None."""
+    gap = 2 * max(1, round(cfg.size / 32))
+    for _ in range(200):
+        x0, y0 = rng.randint(0, cfg.size - side), rng.randint(0, cfg.size - side)
+        if all(x0 >= b[2] + 1 + gap or b[0] >= x0 + side + gap or y0 >= b[3] + 1 + gap or b[1] >= y0 + side + gap
+               for b in (o.box for o in objects)):
+            return x0, y0
+    return None
+
+
+# ----------------------------------------------------------------------------- defects
+
+
+def _defect(kind: str, spec: PromptSpec, plan: Sequence[PlannedGroup], objects: list[scenes.SceneObject],
+            group_of: list[int], cfg: WorldConfig, rng: random.Random):
+    """Applies one defect. Returns (objects1, defect, analysis, improvement, guidance) or None."""
+    objs = list(objects)
+    if kind == "colour":
+        coloured = [i for i, gi in enumerate(group_of) if spec.groups[gi].colour]
+        if not coloured:
+            return None
+        distinct = len(spec.groups) == 2 and spec.category == "color_attr" and \
+            spec.groups[0].colour != spec.groups[1].colour
+        if distinct and rng.random() < 0.5:  # swapped attribution
+            a, b = objs
+            objs = [dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour)]
+            slots = dict(shape=a.shape, other_shape=b.shape, actual=b.colour, other_actual=a.colour,
+                         expected=a.colour, other_expected=b.colour)
+            defect = {"type": "colour", "detail": "swap", "object": 0, "other": 1,
+                      "expected": [a.colour, b.colour], "actual": [b.colour, a.colour]}
+            return (objs, defect, text.fill("swap", **slots), text.fill("swap_improvement", **slots),
+                    text.fill("swap_guidance", **slots).split("\n"))
+        i = rng.choice(coloured)
+        o = objs[i]
+        actual = rng.choice([c for c in cfg.colours if c != o.colour])
+        objs[i] = dataclasses.replace(o, colour=actual)
+        slots = dict(shape=o.shape, where=plan[group_of[i]].place, actual=actual, expected=o.colour)
+        defect = {"type": "colour", "detail": "recolour", "object": i, "expected": o.colour, "actual": actual}
+        return (objs, defect, text.fill("colour", **slots), text.fill("colour_improvement", **slots),
+                [text.fill("colour_guidance", **slots)])
+    if kind == "shape":
+        i = rng.randrange(len(objs))
+        o = objs[i]
+        actual = rng.choice([s for s in cfg.shapes if s != o.shape])
+        objs[i] = dataclasses.replace(o, shape=actual)
+        group = plan[group_of[i]]
+        slots = dict(shape=o.shape, colour=o.colour, actual=actual, plural=scenes.PLURALS[o.shape],
+                     where=group.place)
+        defect = {"type": "shape", "detail": "reshape", "object": i, "expected": o.shape, "actual": actual}
+        one = group.count == 1
+        return (objs, defect, text.fill("shape" if one else "shape_in_group", **slots),
+                text.fill("shape_improvement" if one else "shape_in_group_improvement", **slots),
+                [text.fill("shape_guidance", **slots)])
+    if kind == "position":
+        if spec.relation is None:
+            return None
+        horizontal = spec.relation in ("left of", "right of")
+        S = cfg.size
+        objs = [dataclasses.replace(o, cx=S - o.side - (o.cx - o.side // 2) + o.side // 2) if horizontal else
+                dataclasses.replace(o, cy=S - o.side - (o.cy - o.side // 2) + o.side // 2) for o in objs]
+        a, b = objects
+        slots = dict(colour=a.colour, shape=a.shape, other_colour=b.colour, other_shape=b.shape,
+                     expected=spec.relation, actual=INVERSE_RELATION[spec.relation])
+        defect = {"type": "position", "detail": "mirrored", "object": 0, "expected": spec.relation,
+                  "actual": INVERSE_RELATION[spec.relation]}
+        return (objs, defect, text.fill("position", **slots), text.fill("position_improvement", **slots),
+                [text.fill("position_guidance", **slots)])
+    if kind == "count":
+        counts = [g.count for g in plan]
+        can_miss = len(objs) >= 2
+        extra = not can_miss or (len(plan) == 1 and counts[0] < MAX_COUNT and rng.random() < 0.5)
+        gi = rng.randrange(len(plan))
+        group = plan[gi]
+        if extra:
+            side = scenes.object_side(group.size, cfg.size)
+            spot = _free_spot(objs, side, cfg, rng)
+            if spot is None:
+                if not can_miss:
+                    return None
+                extra = False
+            else:
+                objs.append(_Layout(cfg.size, rng).obj(group, spot[0], spot[1], side))
+        if not extra:
+            members = [i for i, g in enumerate(group_of) if g == gi]
+            i = rng.choice(members)
+            del objs[i]
+        actual = group.count + (1 if extra else -1)
+        noun = group.shape if actual == 1 else scenes.PLURALS[group.shape]
+        slots = dict(colour=group.colour, shape=group.shape, size=group.size, where=group.place,
+                     actual=text.number_word(actual), expected=text.number_word(group.count),
+                     noun=noun, expected_noun=group.shape if group.count == 1 else scenes.PLURALS[group.shape])
+        defect = {"type": "count", "detail": "extra" if extra else "missing", "group": gi,
+                  "expected": group.count, "actual": actual}
+        if not extra and group.count == 1:
+            analysis, guidance = text.fill("missing", **slots), text.fill("missing_guidance", **slots)
+        else:
+            analysis = text.fill("count", **slots)
+            guidance = text.fill("extra_guidance" if extra else "missing_in_group_guidance", **slots)
+        improvement = text.fill("count_improvement", **{**slots, "noun": slots["expected_noun"]})
+        return objs, defect, analysis, improvement, [guidance]
+    raise ValueError(f"unknown defect type {kind!r}")
+
+
+def applicable_defects(spec: PromptSpec) -> list[str]:
+    kinds = ["count", "shape"]
+    if any(g.colour for g in spec.groups):
+        kinds.append("colour")
+    if spec.relation is not None:
+        kinds.append("position")
+    return kinds
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+
+class World:
+    """Samples trajectories of one world configuration; held-out meanings never appear."""
+
+    def __init__(self, cfg: WorldConfig, seed: int, hold_out: bool = True):
+        self.cfg, self.seed = cfg, seed
+        self.spaces = {c: prompt_space(c, cfg.colours, cfg.shapes) for c in cfg.categories}
+        self.heldout_keys = self._choose_heldout_keys() if hold_out else {c: [] for c in cfg.categories}
+        self.train_prompts = {}
+        for c, space in self.spaces.items():
+            held = set(self.heldout_keys[c])
+            self.train_prompts[c] = [s for s in space if s.key not in held]
+
+    def _choose_heldout_keys(self) -> dict[str, list[tuple]]:
+        rng = random.Random(f"irg-synthetic/heldout/{self.seed}")
+        chosen = {}
+        for c, space in self.spaces.items():
+            keys = list(dict.fromkeys(s.key for s in space))
+            n = max(1, int(self.cfg.heldout_fraction * len(keys)))
+            if n >= len(keys):
+                raise ValueError(f"category {c} has only {len(keys)} prompt meanings; cannot hold out {n}")
+            chosen[c] = rng.sample(keys, n)
+        return chosen
+
+    def heldout_prompts(self, k: int) -> list[dict]:
+        """``k`` held-out prompts, categories in turn, cycling each category's held-out meanings."""
+        rng = random.Random(f"irg-synthetic/heldout-lines/{self.seed}")
+        by_key = {c: {} for c in self.spaces}
+        for c, space in self.spaces.items():
+            for s in space:
+                by_key[c].setdefault(s.key, []).append(s)
+        order = {c: rng.sample(keys, len(keys)) for c, keys in self.heldout_keys.items()}
+        lines = []
+        for i in range(k):
+            c = self.cfg.categories[i % len(self.cfg.categories)]
+            r = i // len(self.cfg.categories)
+            spec = rng.choice(by_key[c][order[c][r % len(order[c])]])
+            lines.append({"id": f"heldout-{i:05d}", "prompt": spec.text, "category": c,
+                          "constraints": spec.to_json()})
+        return lines
+
+    def trajectory(self, index: int) -> Trajectory:
+        cfg = self.cfg
+        rng = random.Random(f"irg-synthetic/{self.seed}/{index}")
+        category = rng.choice(cfg.categories)
+        spec = rng.choice(self.train_prompts[category])
+        plan, objects, group_of = _plan_and_place(spec, cfg, rng)
+        body = " . ".join(g.phrase() for g in plan) + " ."
+        think1 = text.wrap_think(body)
+        result = None
+        if rng.random() < cfg.defect_prob:
+            kinds = applicable_defects(spec)
+            rng.shuffle(kinds)
+            for kind in kinds:
+                result = _defect(kind, spec, plan, objects, group_of, cfg, rng)
+                if result is not None:
+                    break
+        if result is None:
+            objects1, defect = objects, None
+            think2 = text.reflection(text.fill("correct"), text.fill("correct_improvement"),
+                                     text.fill("correct_guidance").split("\n"), body)
+        else:
+            objects1, defect, analysis, improvement, guidance = result
+            steps = [*guidance, text.fill("keep_rest", step=len(guidance) + 1)]
+            think2 = text.reflection(analysis, improvement, steps, body)
+        return Trajectory(index, spec, plan, tuple(objects), tuple(group_of), tuple(objects1), defect,
+                          think1, think2)
+
+    def record(self, traj: Trajectory) -> TrajectoryRecord:
+        image2 = scenes.png_bytes(scenes.render_scene(traj.objects, self.cfg.size))
+        image1 = image2 if traj.defect is None else scenes.png_bytes(scenes.render_scene(traj.objects1, self.cfg.size))
+        metadata = {
+            "index": traj.index, "category": traj.spec.category, "constraints": traj.spec.to_json(),
+            "plan": [dataclasses.asdict(g) for g in traj.plan], "defect": traj.defect,
+            "objects": [o.to_json() for o in traj.objects],
+            "objects_image1": [o.to_json() for o in traj.objects1],
+        }
+        return TrajectoryRecord(id=f"{traj.index:07d}", prompt=traj.spec.text, think1=traj.think1, image1=image1,
+                                think2=traj.think2, image2=image2, metadata=metadata)
+
+    def records(self, num: int, start: int = 0) -> Iterator[TrajectoryRecord]:
+        for index in range(start, start + num):
+            yield self.record(self.trajectory(index))
+
+
+def write_result_folders(records: Iterator[TrajectoryRecord] | Sequence[TrajectoryRecord],
+                         out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """Lays trajectories out as ``irg_jax.generate`` does: ``<out>/<id>/`` with ``result.json``,
+    ``turn1.png``, ``turn1.txt``, ``turn2.png``, ``turn2.txt``. Scoring these folders measures the
+    verifier on ground truth (turn 2 always correct, turn 1 wrong where a defect was drawn)."""
+    folders = []
+    for record in records:
+        folder = pathlib.Path(out_dir) / record.id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "turn1.png").write_bytes(record.image1)
+        (folder / "turn2.png").write_bytes(record.image2)
+        (folder / "turn1.txt").write_text(record.think1, encoding="utf-8")
+        (folder / "turn2.txt").write_text(record.think2, encoding="utf-8")
+        result = {"prompt": record.prompt, "source": "irg_jax.data.synthetic ground truth",
+                  "category": record.metadata.get("category"), "defect": record.metadata.get("defect")}
+        (folder / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        folders.append(folder)
+    return folders
+
+
+def generate(out_dir: str | pathlib.Path, num: int, seed: int, cfg: WorldConfig = WorldConfig(), *,
+             heldout: int = 120, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+             record_images: bool = True) -> dict:
+    """Writes the whole world to ``out_dir``; returns a summary (also saved as world.json)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    world = World(cfg, seed, hold_out=heldout > 0)
+    defects = {k: 0 for k in DEFECT_TYPES}
+    categories = {c: 0 for c in cfg.categories}
+    writer = ModeDatasetWriter(out, system_prompt=cfg.system_prompt, rows_per_group=rows_per_group,
+                               initial_image_source=cfg.initial_image_source)
+    with writer, (out / "records.jsonl").open("w", encoding="utf-8") as records_file:
+        for record in world.records(num):
+            writer.add(record)
+            records_file.write(json.dumps(record.to_json(with_images=record_images), ensure_ascii=False) + "\n")
+            categories[record.metadata["category"]] += 1
+            if record.metadata["defect"]:
+                defects[record.metadata["defect"]["type"]] += 1
+    with (out / "heldout_prompts.jsonl").open("w", encoding="utf-8") as f:
+        for line in world.heldout_prompts(heldout if heldout > 0 else 0):
+            f.write(json.dumps(line) + "\n")
+    words = text.corpus_words(cfg.colours, cfg.system_prompt)
+    (out / "vocab.json").write_text(json.dumps({"tokenization": "whitespace (str.split)", "words": words}, indent=1))
+    summary = {
+        "num": num, "seed": seed, "config": dataclasses.asdict(cfg), "heldout": heldout,
+        "heldout_meanings": {c: len(k) for c, k in world.heldout_keys.items()},
+        "rows_per_mode": dict(writer.counts), "categories": categories, "defects": defects,
+        "vocab_size": len(words), "seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out / "world.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Generate the synthetic IRG world (six mode datasets + held-out prompts).")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, required=True, help="number of trajectories")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32, help=f"image side in pixels ({scenes.MIN_CANVAS}..{scenes.MAX_CANVAS})")
+    p.add_argument("--heldout", type=int, default=120, help="number of held-out prompt lines (0: none held out)")
+    p.add_argument("--defect-prob", type=float, default=0.5)
+    p.add_argument("--colours", default=",".join(scenes.DEFAULT_COLOURS),
+                   help=f"comma-separated, from {','.join(scenes.PALETTE)}")
+    p.add_argument("--system-prompt", choices=("short", "full"), default="short")
+    p.add_argument("--initial-image", choices=("image1", "image2"), default="image2",
+                   help="image the initial modes learn after think 1 (image2 = the correct one)")
+    p.add_argument("--rows-per-group", type=int, default=DEFAULT_ROWS_PER_GROUP)
+    p.add_argument("--no-record-images", action="store_true", help="leave base64 images out of records.jsonl")
+    args = p.parse_args(argv)
+    cfg = WorldConfig(size=args.size, colours=tuple(c.strip() for c in args.colours.split(",") if c.strip()),
+                      defect_prob=args.defect_prob, initial_image_source=args.initial_image,
+                      system_prompt=text.SYSTEM_PROMPT_SHORT if args.system_prompt == "short" else text.SYSTEM_PROMPT_FULL)
+    summary = generate(args.out, args.num, args.seed, cfg, heldout=args.heldout,
+                       rows_per_group=args.rows_per_group, record_images=not args.no_record_images)
+    print(json.dumps({k: summary[k] for k in ("num", "seconds", "rows_per_mode", "defects", "heldout_meanings",
+                                              "vocab_size")}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The unified BAGEL model: MoT decoder + SigLIP/connector + latent embedding + heads.
+
+Training forward on an expert-sorted packed batch (``irg_jax.data.packed_batch``):
+
+  text/marker tokens  embed_tokens[id]
+  ViT tokens          connector(SigLIP(patches)) + vit_table[vit_pos_ids], scattered to vit_dest
+  latent tokens       vae2llm(x_t) + time_embedder(t) + latent_table[latent_pos_ids],
+                      x_t = (1 - t) x0 + t eps (clean tokens have t = 0)
+
+returns ``ce_logits`` at ``ce_index``, the predicted ``velocity`` (llm2vae) at every gen
+token and the flow ``target`` eps - x0. The two 2-D sin-cos tables are rebuilt from the
+config and held as :class:`FixedTable` variables (not ``nnx.Param``: never trained,
+never loaded).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from irg_jax.data.packed_batch import TEXT
+from irg_jax.model.attention import TokenMeta
+from irg_jax.model.config import latent_token_dim
+from irg_jax.model.decoder import Decoder
+from irg_jax.model.embeddings import Linear, TimestepEmbedder, patchify_latents, sincos_2d_table
+from irg_jax.model.vit import Connector, SiglipEncoder
+from irg_jax.parallel.sharding import constrain, param
+
+
+class FixedTable(nnx.Variable):
+    """A constant table rebuilt from the config (sin-cos positions); excluded from nnx.Param filters."""
+
+
+class Bagel(nnx.Module):
+    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+        cfg = ml_collections.FrozenConfigDict(model_cfg)
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        d = cfg.llm.hidden_size
+        d_lat = latent_token_dim(cfg)
+        self.decoder = Decoder(cfg, rngs=rngs)
+        if cfg.vit.enabled:
+            self.vit = SiglipEncoder(cfg.vit, rngs)
+            self.connector = Connector(cfg.vit.hidden_size, d, rngs)
+            self.vit_pos_table = FixedTable(jnp.asarray(sincos_2d_table(cfg.vit.max_patches_per_side, d)),
+                                            logical_axes=(None, "embed"))
+        else:
+            self.vit = self.connector = self.vit_pos_table = None
+        self.time_embedder = TimestepEmbedder(d, rngs)
+        self.vae2llm = Linear(d_lat, d, rngs=rngs, axes=("patch", "embed"))
+        self.llm2vae = Linear(d, d_lat, rngs=rngs, axes=("embed", "patch"), kernel_init=nnx.initializers.zeros)
+        self.latent_pos_table = FixedTable(jnp.asarray(sincos_2d_table(cfg.latent.max_latent_size, d)),
+                                           logical_axes=(None, "embed"))
+
+    def rebuild_tables(self) -> None:
+        """Recompute the fixed sin-cos tables (after merging an abstract model with loaded params)."""
+        d = self.cfg.llm.hidden_size
+        self.latent_pos_table.set_value(jnp.asarray(sincos_2d_table(self.cfg.latent.max_latent_size, d)))
+        if self.vit_pos_table is not None:
+            self.vit_pos_table.set_value(jnp.asarray(sincos_2d_table(self.cfg.vit.max_patches_per_side, d)))
+
+    # ------------------------------------------------------------------ token embeddings
+    def embed_text(self, ids: jax.Array) -> jax.Array:
+        return self.decoder.embed_tokens(ids).astype(self.dtype)
+
+    def embed_vit(self, patches: jax.Array, pos_ids: jax.Array, image_id: jax.Array) -> jax.Array:
+        """ViT patches [B, N, 3p^2] -> LLM tokens [B, N, D]."""
+        if self.vit is None:
+            raise ValueError("model.vit.enabled is False but the input has ViT tokens")
+        feats = self.connector(self.vit(patches.astype(self.dtype), pos_ids, image_id))
+        return feats + jnp.take(self.vit_pos_table[...], pos_ids, axis=0).astype(self.dtype)
+
+    def embed_latents(self, x_t: jax.Array, t: jax.Array, pos_ids: jax.Array) -> jax.Array:
+        """Noisy (or clean, t=0) latent tokens [B, N, D_lat], times [B, N] -> LLM tokens [B, N, D]."""
+        h = self.vae2llm(x_t.astype(self.dtype)) + self.time_embedder(t, self.dtype)
+        return h + jnp.take(self.latent_pos_table[...], pos_ids, axis=0).astype(self.dtype)
+
+    def velocity(self, h_gen: jax.Array) -> jax.Array:
+        """llm2vae on gen-expert hidden states, float32."""
+        return self.llm2vae(h_gen).astype(jnp.float32)
+
+    # ------------------------------------------------------------------ training forward
+    def __call__(self, pack: dict, x0_tokens: jax.Array, noise: jax.Array, *,
+                 collect_layer_outputs: bool = False) -> dict:
+        """Training forward on a batch of packs (arrays with a leading batch axis).
+
+        x0_tokens, noise: [B, gen_len, D_lat] clean latent tokens (see
+        :func:`gather_latent_tokens`) and the flow noise. Returns ``ce_logits``
+        [B, ce_len, V] (float32), ``velocity`` and ``target`` [B, gen_len, D_lat] (float32).
+        """
+        text_ids = pack["text_ids"]
+        b, seq_len = text_ids.shape
+        gen_len = pack["latent_src"].shape[-1]
+        und_len = seq_len - gen_len
+        if x0_tokens.shape[:2] != (b, gen_len) or noise.shape != x0_tokens.shape:
+            raise ValueError(f"x0_tokens {x0_tokens.shape} / noise {noise.shape} do not match the pack's "
+                             f"[batch {b}, gen_len {gen_len}, D_lat]")
+
+        is_text = (pack["kind"][:, :und_len] == TEXT)[..., None]
+        h_und = jnp.where(is_text, self.embed_text(text_ids[:, :und_len]), 0).astype(self.dtype)
+        if pack["vit_patches"].shape[1] > 0 and self.vit is not None:
+            image_id = pack["vit_image_id"]
+            feats = self.embed_vit(pack["vit_patches"], pack["vit_pos_ids"], image_id)
+            dest = jnp.where(image_id >= 0, pack["vit_dest"], und_len)  # padding rows are dropped
+            rows = jnp.arange(b)[:, None]
+            h_und = h_und.at[rows, dest].set(feats.astype(self.dtype), mode="drop")
+
+        t = pack["latent_t"].astype(jnp.float32)
+        x0 = x0_tokens.astype(jnp.float32)
+        eps = noise.astype(jnp.float32)
+        x_t = (1.0 - t[..., None]) * x0 + t[..., None] * eps
+        h_gen = self.embed_latents(x_t, t, pack["latent_pos_ids"])
+
+        h = jnp.concatenate([h_und, h_gen], axis=1)
+        h = constrain(h, ("batch", "length", "embed"))
+        meta = TokenMeta(pack["doc_id"], pack["split_id"], pack["split_mode"], pack["seq_pos"])
+        out = self.decoder(h, pack["rope_pos"], meta, und_len, collect_layer_outputs=collect_layer_outputs)
+
+        ce_hidden = jnp.take_along_axis(out.hidden, pack["ce_index"][..., None], axis=1)
+        result = {
+            "ce_logits": constrain(self.decoder.logits(ce_hidden), ("batch", None, "vocab")),
+            "velocity": self.velocity(out.hidden[:, und_len:]),
+            "target": eps - x0,
+        }
+        if collect_layer_outputs:
+            result.update(llm_input=h, layer_outputs=out.layer_outputs, hidden=out.hidden)
+        return result
+
+
+def latent_tokens(ae, vae_images: jax.Array, posterior_noise, patch_size: int) -> jax.Array:
+    """AE-encode a batch of image slots and patchify: [B, N, H, W, 3] -> [B, N*(H/16)*(W/16), D_lat].
+
+    ``posterior_noise`` is a PRNG key or eps of shape [B*N, H/d, W/d, z] (ignored by the
+    identity AE). Token order is image-major, then row-major over the (H/16, W/16) grid,
+    which is what ``latent_src`` indexes.
+    """
+    b, n, hh, ww, c = vae_images.shape
+    z = ae.encode(vae_images.reshape(b * n, hh, ww, c), posterior_noise)
+    tokens = patchify_latents(z, patch_size)
+    return tokens.reshape(b, -1, tokens.shape[-1])
+
+
+def gather_latent_tokens(tokens: jax.Array, latent_src: jax.Array) -> jax.Array:
+    """Pick each gen token's clean latent: tokens [B, M, D_lat], latent_src [B, gen_len] -> [B, gen_len, D_lat]."""
+    return jnp.take_along_axis(tokens, latent_src[..., None].astype(jnp.int32), axis=1)
+
+
+# ---------------------------------------------------------------------- FLOPs
+
+def forward_flops(model_cfg, *, batch: int, und_len: int, gen_len: int, vit_len: int, ce_len: int) -> dict:
+    """Analytic matmul FLOPs of one training forward (2 per multiply-add), by component.
+
+    Each expert's projections and MLP count only its own tokens (und_len / gen_len).
+    Attention counts the full [L, L] score and value products per pack, which is what the
+    blockwise kernel computes at most (it may skip fully masked blocks); the ViT
+    attention is dense over the pack's ViT tokens. The backward costs about twice the
+    forward: training ≈ 3x.
+    """
+    llm, vit = model_cfg.llm, model_cfg.vit
+    d, hq, hk, hd, f = llm.hidden_size, llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.intermediate_size
+    seq = und_len + gen_len
+    d_lat = latent_token_dim(model_cfg)
+    per_token_layer = 2 * d * (hq + 2 * hk) * hd + 2 * hq * hd * d + 2 * 3 * d * f
+    out = {
+        "llm_projections_mlp": batch * llm.num_layers * seq * per_token_layer,
+        "llm_attention": batch * llm.num_layers * 4 * seq * seq * hq * hd,
+        "lm_head": batch * 2 * ce_len * d * llm.vocab_size,
+        "latent_io": batch * gen_len * (2 * d_lat * d + 2 * d * d_lat + 2 * 256 * d + 2 * d * d),
+    }
+    if vit.enabled and vit_len:
+        dv, fv, p = vit.hidden_size, vit.intermediate_size, vit.patch_size
+        out["vit"] = batch * (2 * vit_len * 3 * p * p * dv + vit.num_layers * (
+            vit_len * (2 * 4 * dv * dv + 2 * 2 * dv * fv) + 4 * vit_len * vit_len * dv))
+        out["connector"] = batch * vit_len * (2 * dv * d + 2 * d * d)
+    out["total"] = sum(out.values())
+    return out
+
+
+def training_flops(model_cfg, **shapes) -> int:
+    """Forward + backward model FLOPs of one training step (3x the forward)."""
+    return 3 * forward_flops(model_cfg, **shapes)["total"]
+
+
+def param_count(model_cfg) -> int:
+    """Number of trainable parameters (from ``eval_shape``; nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: Bagel(model_cfg, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,0 +1,261 @@
+"""Qwen2 Mixture-of-Transformers decoder (BAGEL's language model).
+
+Each layer holds two experts with identical shapes: ``und`` (text, image markers, ViT
+tokens) and ``gen`` (VAE latent tokens). Each expert has its own input/post-attention
+RMSNorms, q/k/v (with bias) and o (no bias) projections, per-head q/k RMSNorms applied
+before RoPE, and a SiLU-gated MLP; the final norm is per expert as well. Only the token
+embedding and the untied ``lm_head`` are shared.
+
+Routing is by static slices: a sequence is laid out ``[und tokens | gen tokens]`` and the
+caller passes ``und_len``; each expert runs only on its slice, and one joint attention
+covers all tokens (mask from :class:`irg_jax.model.attention.TokenMeta`, which carries the
+logical order). RMSNorm statistics, RoPE and softmax are computed in float32.
+
+Keys and values are returned per layer (after q/k-norm and RoPE) so the KV cache can
+store them; past keys/values (a cache) may be prepended to every layer's attention.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from irg_jax.model import attention as attn_lib
+from irg_jax.model.attention import TokenMeta
+from irg_jax.model.embeddings import Linear
+from irg_jax.parallel.sharding import constrain, param
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, statistics in float32 (Qwen2RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        self.eps = eps
+        self.scale = param(jnp.ones((dim,), jnp.float32), ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Qwen2 default RoPE: cos, sin [..., L, head_dim] (fp32) for integer positions [..., L]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, L, H, D] rotated with the half-split ``rotate_half`` convention, in float32."""
+    h = x.astype(jnp.float32)
+    half = h.shape[-1] // 2
+    rotated = jnp.concatenate([-h[..., half:], h[..., :half]], axis=-1)
+    return (h * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class HeadsProjection(nnx.Module):
+    """[B, L, D] -> [B, L, H, head_dim]; kernel [D, H, head_dim], optional bias [H, head_dim]."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, heads_axis: str, *, use_bias: bool, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+        self.kernel = param(init(rngs.params(), (dim, heads, head_dim), jnp.float32), ("embed", heads_axis, "head_dim"))
+        self.bias = param(jnp.zeros((heads, head_dim), jnp.float32), (heads_axis, "head_dim")) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("bld,dhk->blhk", x, self.kernel[...].astype(x.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class OutProjection(nnx.Module):
+    """[B, L, H, head_dim] -> [B, L, D]; kernel [H, head_dim, D], no bias."""
+
+    def __init__(self, heads: int, head_dim: int, dim: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        self.kernel = param(init(rngs.params(), (heads, head_dim, dim), jnp.float32), ("q_heads", "head_dim", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("blhk,hkd->bld", x, self.kernel[...].astype(x.dtype))
+
+
+class GatedMLP(nnx.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.gate_proj = Linear(dim, hidden, rngs=rngs, use_bias=False, axes=("embed", "mlp"))
+        self.up_proj = Linear(dim, hidden, rngs=rngs, use_bias=False, axes=("embed", "mlp"))
+        self.down_proj = Linear(hidden, dim, rngs=rngs, use_bias=False, axes=("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nnx.Module):
+    """One MoT expert of one decoder layer (the und or the gen copy)."""
+
+    def __init__(self, llm, *, rngs: nnx.Rngs):
+        d, hd = llm.hidden_size, llm.head_dim
+        self.input_layernorm = RMSNorm(d, llm.rms_norm_eps)
+        self.q_proj = HeadsProjection(d, llm.num_heads, hd, "q_heads", use_bias=True, rngs=rngs)
+        self.k_proj = HeadsProjection(d, llm.num_kv_heads, hd, "kv_heads", use_bias=True, rngs=rngs)
+        self.v_proj = HeadsProjection(d, llm.num_kv_heads, hd, "kv_heads", use_bias=True, rngs=rngs)
+        self.o_proj = OutProjection(llm.num_heads, hd, d, rngs=rngs)
+        self.q_norm = RMSNorm(hd, llm.rms_norm_eps) if llm.qk_norm else None
+        self.k_norm = RMSNorm(hd, llm.rms_norm_eps) if llm.qk_norm else None
+        self.post_attention_layernorm = RMSNorm(d, llm.rms_norm_eps)
+        self.mlp = GatedMLP(d, llm.intermediate_size, rngs=rngs)
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        h = self.input_layernorm(x)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+        x = x + self.o_proj(attn_out)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class PastKV(NamedTuple):
+    """Keys/values prepended to one layer's attention (a KV cache), with their metadata."""
+
+    k: jax.Array  # [B, Lp, Hk, D]
+    v: jax.Array
+    meta: TokenMeta
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, llm, attn_cfg, *, rngs: nnx.Rngs):
+        self.attn_cfg = ml_collections.FrozenConfigDict(attn_cfg)
+        self.und = Expert(llm, rngs=rngs)
+        self.gen = Expert(llm, rngs=rngs)
+
+    def __call__(self, x, cos, sin, meta: TokenMeta, und_len: int, past: PastKV | None = None):
+        """x [B, L, D] laid out [und | gen] -> (x', (k, v) of the L new tokens)."""
+        L = x.shape[1]
+        parts = []  # (expert, start, stop)
+        if und_len > 0:
+            parts.append((self.und, 0, und_len))
+        if und_len < L:
+            parts.append((self.gen, und_len, L))
+        qkv = [e.qkv(x[:, a:b], cos[:, a:b], sin[:, a:b]) for e, a, b in parts]
+        q, k, v = (jnp.concatenate(t, axis=1) if len(parts) > 1 else t[0] for t in zip(*qkv))
+        q = constrain(q, ("batch", "length", "q_heads", None))
+        k_all, v_all, k_meta = k, v, meta
+        if past is not None:
+            k_all = jnp.concatenate([past.k.astype(k.dtype), k], axis=1)
+            v_all = jnp.concatenate([past.v.astype(v.dtype), v], axis=1)
+            k_meta = TokenMeta.concat([past.meta, meta])
+        out = attn_lib.attend(q, k_all, v_all, meta, k_meta, self.attn_cfg)
+        y = [e.finish(x[:, a:b], out[:, a:b]) for e, a, b in parts]
+        y = jnp.concatenate(y, axis=1) if len(y) > 1 else y[0]
+        return constrain(y, ("batch", "length", "embed")), (k, v)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+        self.embedding = param(jax.random.normal(rngs.params(), (vocab, dim), jnp.float32), ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class DecoderOutput(NamedTuple):
+    hidden: jax.Array        # [B, L, D] after the final (per-expert) norm
+    keys: jax.Array          # [num_layers, B, L, Hk, D] new keys (after norm and RoPE)
+    values: jax.Array        # [num_layers, B, L, Hk, D]
+    layer_outputs: jax.Array | None  # [num_layers, B, L, D] residual stream after each layer
+
+
+def _stack_layers(llm, attn_cfg, rngs: nnx.Rngs) -> DecoderLayer:
+    """One DecoderLayer whose parameters carry a leading [num_layers] axis (for scan)."""
+    keys = jax.random.split(rngs.params(), llm.num_layers)
+    graphdef = []
+
+    def make(key):
+        gd, state = nnx.split(DecoderLayer(llm, attn_cfg, rngs=nnx.Rngs(params=key)))
+        graphdef.append(gd)
+        return state
+
+    states = jax.vmap(make)(keys)
+    layer = nnx.merge(graphdef[0], states)
+    for _, var in nnx.iter_graph(layer):
+        if isinstance(var, nnx.Variable) and var.has_metadata("logical_axes"):
+            var.set_metadata(logical_axes=(None,) + tuple(var.get_metadata()["logical_axes"]))
+    return layer
+
+
+class Decoder(nnx.Module):
+    """Shared embedding, MoT layers, per-expert final norm, untied lm_head."""
+
+    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+        llm = ml_collections.FrozenConfigDict(model_cfg.llm)
+        attn_cfg = ml_collections.FrozenConfigDict(model_cfg.attention)
+        self.llm = llm
+        self.scan_layers = bool(model_cfg.scan_layers)
+        self.remat = bool(model_cfg.remat)
+        self.embed_tokens = Embedding(llm.vocab_size, llm.hidden_size, rngs=rngs)
+        if self.scan_layers:
+            self.layers = _stack_layers(llm, attn_cfg, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(llm, attn_cfg, rngs=rngs) for _ in range(llm.num_layers)])
+        self.norm_und = RMSNorm(llm.hidden_size, llm.rms_norm_eps)
+        self.norm_gen = RMSNorm(llm.hidden_size, llm.rms_norm_eps)
+        self.lm_head = Linear(llm.hidden_size, llm.vocab_size, rngs=rngs, use_bias=False, axes=("embed", "vocab"))
+
+    def __call__(self, x: jax.Array, rope_pos: jax.Array, meta: TokenMeta, und_len: int, *,
+                 past_kv: tuple[jax.Array, jax.Array] | None = None, past_meta: TokenMeta | None = None,
+                 collect_layer_outputs: bool = False) -> DecoderOutput:
+        """Run all layers on x [B, L, D] (laid out [und | gen], ``und_len`` static).
+
+        ``past_kv``: optional cached (keys, values) [num_layers, B, Lp, Hk, D] with ``past_meta``.
+        """
+        cos, sin = rope_tables(rope_pos, self.llm.head_dim, self.llm.rope_theta)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        def run(layer_state, graphdef, h, past):
+            layer = nnx.merge(graphdef, layer_state)
+            past = None if past is None else PastKV(past[0], past[1], past_meta)
+            h, (k, v) = layer(h, cos, sin, meta, und_len, past)
+            return h, (k, v, h if collect_layer_outputs else None)
+
+        if self.remat:
+            run = jax.checkpoint(run, static_argnums=(1,), policy=jax.checkpoint_policies.nothing_saveable)
+
+        if self.scan_layers:
+            graphdef, states = nnx.split(self.layers)
+
+            def body(h, xs):
+                state, past = xs
+                h, out = run(state, graphdef, h, past)
+                return h, out
+
+            x, (keys, values, outs) = jax.lax.scan(body, x, (states, past_kv))
+        else:
+            collected = []
+            for i, layer in enumerate(self.layers):
+                graphdef, state = nnx.split(layer)
+                past = None if past_kv is None else (past_kv[0][i], past_kv[1][i])
+                x, out = run(state, graphdef, x, past)
+                collected.append(out)
+            keys, values, outs = (None if t[0] is None else jnp.stack(t) for t in zip(*collected))
+        h = self.final_norm(x, und_len)
+        return DecoderOutput(h, keys, values, outs)
+
+    def final_norm(self, x: jax.Array, und_len: int) -> jax.Array:
+        parts = []
+        if und_len > 0:
+            parts.append(self.norm_und(x[:, :und_len]))
+        if und_len < x.shape[1]:
+            parts.append(self.norm_gen(x[:, und_len:]))
+        return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """lm_head in float32 accumulation: [..., D] -> [..., V]."""
+        return jnp.einsum("...d,dv->...v", h, self.lm_head.kernel[...].astype(h.dtype),
+                          preferred_element_type=jnp.float32)

@@ -1,0 +1,97 @@
+"""Parameter checkpoints outside the train state: the inference export and params-only trees.
+
+Layout of an export directory (what ``irg_jax.generate --checkpoint`` reads, and what
+``irg_jax.convert bagel-to-orbax`` writes):
+
+    DIR/params/         Orbax pytree: pure dict of parameter arrays
+    DIR/model_config.json
+    DIR/export.json     {"source": ..., "step": ..., "dtype": ...}
+    DIR/tokenizer/      optional: tokenizer files (tokenizer.json or vocab.json)
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def save_params(directory: str | pathlib.Path, params: Any, model_cfg: ml_collections.ConfigDict,
+                info: dict, tokenizer_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    directory = pathlib.Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "params"
+    if target.exists():
+        shutil.rmtree(target)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(target, params)
+        ckptr.wait_until_finished()
+    (directory / "model_config.json").write_text(model_cfg.to_json_best_effort(indent=2))
+    (directory / "export.json").write_text(json.dumps(info, indent=2))
+    if tokenizer_dir:
+        src = pathlib.Path(tokenizer_dir)
+        if src.is_dir():
+            shutil.copytree(src, directory / "tokenizer", dirs_exist_ok=True)
+        elif src.is_file():
+            (directory / "tokenizer").mkdir(exist_ok=True)
+            shutil.copy(src, directory / "tokenizer" / src.name)
+    return directory
+
+
+def load_model_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
+    path = pathlib.Path(directory) / "model_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not an irg_jax params checkpoint (no model_config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_params(directory: str | pathlib.Path, abstract_params: Any, shardings: Any | None = None,
+                   dtype=jnp.float32) -> Any:
+    """Restore ``DIR/params`` into the given structure (sharded when ``shardings`` is given)."""
+    path = pathlib.Path(directory).absolute() / "params"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no params checkpoint")
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: None, abstract_params)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) if s is not None
+                          else jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        stored = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        _check_structure(stored, abstract_params, path)
+        # Restore in the stored dtype, then cast: an export may be bf16 while training wants fp32.
+        stored_target = jax.tree.map(
+            lambda t, m: jax.ShapeDtypeStruct(t.shape, m.dtype, sharding=t.sharding), target, stored)
+        params = ckptr.restore(path, stored_target)
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def _check_structure(stored: Any, wanted: Any, path: pathlib.Path) -> None:
+    s_paths = {jax.tree_util.keystr(p): getattr(l, "shape", None)
+               for p, l in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    w_paths = {jax.tree_util.keystr(p): l.shape for p, l in jax.tree_util.tree_flatten_with_path(wanted)[0]}
+    missing = sorted(set(w_paths) - set(s_paths))
+    extra = sorted(set(s_paths) - set(w_paths))
+    shape = sorted(f"{k}: stored {tuple(s_paths[k])}, model {w_paths[k]}" for k in set(w_paths) & set(s_paths)
+                   if tuple(s_paths[k]) != tuple(w_paths[k]))
+    if missing or extra or shape:
+        raise ValueError(f"{path}: params do not match the model.\n  missing: {missing[:20]}\n"
+                         f"  unexpected: {extra[:20]}\n  shape mismatches: {shape[:20]}")
+
+
+def export_for_inference(state, bundle, config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+    """Write the EMA (or the raw params without EMA) in the model's compute dtype to WORKDIR/export."""
+    source = "ema" if state.ema else "params"
+    dtype = jnp.dtype(config.model.dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype), state.ema if state.ema else state.params)
+    out = save_params(pathlib.Path(workdir) / "export", params, config.model,
+                      {"source": source, "step": int(state.step), "dtype": str(dtype)},
+                      tokenizer_dir=config.data.get("tokenizer_path") or None)
+    logging.info("exported %s params (%s) to %s", source, dtype, out)
+    return out

@@ -1,0 +1,141 @@
+"""The training loop: build, (re)start, step, log, checkpoint. Short on purpose.
+
+Everything configurable lives in the config; everything reusable lives in its own
+module (model_setup, step, optimizer, checkpointing, metrics, mfu, export).
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from irg_jax import runtime
+from irg_jax.model.bagel import training_flops
+from irg_jax.parallel.mesh import build_mesh
+from irg_jax.parallel.sharding import activation_rules
+from irg_jax.train import checkpointing, export, init_from, model_setup
+from irg_jax.train import mfu as mfu_lib
+from irg_jax.train import state as state_lib
+from irg_jax.train.metrics import MetricWriter, ProgressLine
+from irg_jax.train.optimizer import make_optimizer, step_frozen_fn
+from irg_jax.train.step import make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``nan_guard.max_consecutive`` non-finite steps in a row."""
+
+
+class _Sigterm:
+    """Turns SIGTERM into a flag the loop checks between steps (save, then exit 0)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.received = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def step_flops(config: ml_collections.ConfigDict, budgets) -> float:
+    """Analytic model FLOPs of one optimiser step at the configured token budgets."""
+    return float(training_flops(config.model, batch=config.batch_size, und_len=budgets.und_len,
+                                gen_len=budgets.gen_len, vit_len=budgets.vit_len, ce_len=budgets.ce_len))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train until ``config.total_steps``; returns the last logged scalars."""
+    from irg_jax.data import pipeline  # imported late: keeps `--help` fast
+
+    mesh = build_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    primary = runtime.is_primary()
+    writer = MetricWriter(workdir, enabled=primary)
+    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+
+    bundle, init_params = model_setup.build(config.model, mesh, rules, config.seed)
+    tx, schedule = make_optimizer(config, bundle.abstract_params)
+    replicated = NamedSharding(mesh, P())
+    abstract_state = jax.eval_shape(
+        lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled), bundle.abstract_params)
+    state_shardings = state_lib.shardings(abstract_state, bundle.param_shardings, replicated)
+
+    data = pipeline.make_train_iterator(config, mesh, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    ckpt = checkpointing.Checkpointer(workdir, config)
+    start = ckpt.latest_step()
+    if start is not None:
+        logging.info("resuming from step %d in %s", start, ckpt.directory)
+        state = ckpt.restore(start, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
+                             data.iterator)
+    else:
+        start = 0
+        params = (init_from.load_params(config.checkpoint, bundle, mesh)
+                  if config.checkpoint.init_from else init_params())
+        create = lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled)
+        with jax.set_mesh(mesh):
+            state = jax.jit(create, out_shardings=state_shardings, donate_argnums=0)(params)
+
+    forward = model_setup.make_forward(bundle)
+    step_fn = jax.jit(
+        make_train_step(forward, tx, schedule, config, step_frozen_fn(bundle.abstract_params, config.freeze)),
+        in_shardings=(state_shardings, data.sharding), out_shardings=(state_shardings, replicated),
+        donate_argnums=0)
+
+    peak, peak_source = mfu_lib.peak_flops_per_device()
+    peak_devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()  # CPU: one host peak
+    logging.info("peak %.3g FLOP/s per device (%s)", peak, peak_source)
+    progress = ProgressLine(config.total_steps, start)
+    sigterm = _Sigterm()
+    last: dict = {}
+    flops_per_step = step_flops(config, data.budgets)
+    window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+    try:
+        with jax.set_mesh(mesh), activation_rules(rules):
+            for step in range(start, config.total_steps):
+                batch = next(data.iterator)
+                state, metrics = step_fn(state, batch)
+                window_steps += 1
+                window_tokens += metrics["real_tokens"]  # stays on device until logged
+                done = step + 1
+                streak = int(metrics["finite"] == 0) and int(state.nonfinite_streak)
+                if streak:
+                    logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", done, streak)
+                    if streak >= config.nan_guard.max_consecutive:
+                        ckpt.wait()
+                        raise NonFiniteError(
+                            f"{streak} consecutive non-finite steps at step {done}; the last good state is the "
+                            f"latest checkpoint in {ckpt.directory}")
+                if done % config.log_every == 0 or done == config.total_steps:
+                    jax.block_until_ready(state)
+                    elapsed = time.perf_counter() - window_t0
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    scalars.update(
+                        step_time=elapsed / window_steps, tokens_per_s=float(window_tokens) / elapsed,
+                        mfu=mfu_lib.mfu(flops_per_step, elapsed / window_steps, peak, peak_devices),
+                        nonfinite_total=int(state.nonfinite_total), compilations=step_fn._cache_size(),
+                        **{f"data/{k}": float(v) for k, v in data.counters().items()})
+                    writer.write(done, scalars)
+                    progress.log(done, scalars)
+                    last = scalars
+                    window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+                if done % config.checkpoint_every == 0 or done == config.total_steps or sigterm.received:
+                    ckpt.save(done, state, data.iterator, force=True)
+                if sigterm.received:
+                    break
+        ckpt.wait()
+        if primary and not sigterm.received:
+            export.export_for_inference(state, bundle, config, workdir)
+    finally:
+        sigterm.restore()
+        ckpt.close()
+        writer.close()
+    return last
