@@ -123,3 +123,19 @@ def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> bo
 def is_primary() -> bool:
     """True on process 0, the one that writes logs, metrics and other single-writer files."""
     return jax.process_index() == 0
+
+
+class _QuietLibraries:
+    """A logging filter that drops INFO chatter from Orbax and Grain (warnings still pass)."""
+
+    PATHS = ("/orbax/", "/grain/", "/tensorstore/")
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not any(p in record.pathname for p in self.PATHS)
+
+
+def quiet_library_logs() -> None:
+    """Keep the console readable: library INFO logs off, our own INFO logs on."""
+    import logging as py_logging
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    py_logging.getLogger().addFilter(_QuietLibraries())

@@ -185,6 +185,12 @@ def test_scan_and_remat_match_and_roundtrip_keys(tiny, ref_a):
     for k in ("language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
               "language_model.model.layers.1.mlp.down_proj.weight"):
         assert_close(k, named[k], ref["grad." + k])
+    # the cached path runs the stacked layers too
+    ids = jnp.asarray([[cfg.special_ids.bos, 5, 6, 7, cfg.special_ids.eos]], jnp.int32)
+    scan_cache, scan_hidden = nnx.jit(kv_cache.append_text)(model, kv_cache.init_cache(scan_cfg, 1, 8), ids)
+    loop_cache, loop_hidden = nnx.jit(kv_cache.append_text)(tiny[3], kv_cache.init_cache(cfg, 1, 8), ids)
+    assert_close("cached hidden (scan)", scan_hidden, loop_hidden, 1e-5)
+    assert_close("cached keys (scan)", scan_cache.keys, loop_cache.keys, 1e-5)
     back = params_to_bagel(bagel_to_params(tensors, scan_cfg), scan_cfg, include_tables=True)
     assert sorted(back) == sorted(tensors)
     for k in tensors:
@@ -206,64 +212,116 @@ def test_key_mapping_reports_problems(tiny):
 
 
 def test_inference_parity(tiny):
-    """Two cache rows at once: row 0 the conditional context, row 1 the image-unconditional one."""
+    """Replays the plan's prefill steps on two cache rows: 'cond' (row 0) and 'img_uncond' (row 1).
+
+    Each step runs on its context's row while the other row sits out; snapshots of the
+    conditional row give the text-unconditional and generation contexts.
+    """
     folder, cfg, _, model = tiny
     ref = dict(np.load(folder / "ref_b_infer.npz"))
     plan = json.loads((folder / "ref_b_infer_plan.json").read_text())
+    rows = {"cond": 0, "img_uncond": 1}
     texts, ids = plan["texts"], cfg.special_ids
-    append_text = nnx.jit(kv_cache.append_text)
-    rows2 = lambda a: jnp.asarray(np.repeat(np.asarray(a)[None], 2, 0))  # noqa: E731
-
-    def text(name_row0, name_row1):
-        seqs = [[ids.bos] + texts[n] + [ids.eos] for n in (name_row0, name_row1)]
-        arr = np.zeros((2, max(map(len, seqs))), np.int32)
-        for r, s in enumerate(seqs):
-            arr[r, :len(s)] = s
-        return jnp.asarray(arr), jnp.asarray([len(s) for s in seqs], jnp.int32)
-
-    capacity = 48
-    cache = kv_cache.init_cache(cfg, 2, capacity)
-    for name in ("SYS", "P", "T1"):
-        cache, _ = append_text(model, cache, *text(name, name))
-    image_rows = jnp.array([True, False])
-    lat = patchify_latents(latent_from_moments(ref["I1_vae_moments"], ref["I1_vae_posterior_noise"],
-                                               cfg.autoencoder), cfg.latent.patch_size)
-    cache = nnx.jit(kv_cache.append_vae_image)(model, cache, rows2(lat[0]),
-                                               rows2(ref["prefill03_packed_vae_position_ids"]), image_rows)
-    cache = nnx.jit(kv_cache.append_vit_image)(model, cache, rows2(ref["I1_vit_packed_vit_tokens"]),
-                                               rows2(ref["prefill04_packed_vit_position_ids"]), image_rows)
-    text_uncond = cache
-    cache, _ = append_text(model, cache, *text("T2", "T2"))
-
+    width = max(len(t) for t in texts.values()) + 2  # one padded width: one compilation for all texts
     contexts = plan["contexts"]
+    n_gen = len(ref["gen_text_argmax"])
+    capacity = max(c["kv_lens"][0] for c in contexts.values()) + n_gen + 8
+    append_text = nnx.jit(kv_cache.append_text)
+    append_vae = nnx.jit(kv_cache.append_vae_image)
+    append_vit = nnx.jit(kv_cache.append_vit_image)
+    both = lambda a: jnp.asarray(np.repeat(np.asarray(a)[None], 2, 0))  # noqa: E731
+
+    cache = kv_cache.init_cache(cfg, 2, capacity)
+    segments = {0: [], 1: []}
+    snapshots = {}
+    for step in plan["steps"]:
+        row, nn = rows[step["context"]], f"prefill{step['step']:02d}_"
+        active = jnp.asarray([r == row for r in range(2)])
+        if step["kind"] == "text":
+            seq = [ids.bos] + texts[step["input"]] + [ids.eos]
+            arr = np.zeros((2, width), np.int32)
+            arr[row, :len(seq)] = seq
+            cache, _ = append_text(model, cache, jnp.asarray(arr), jnp.asarray(active * len(seq), jnp.int32))
+            segments[row].append(step["input"])
+        elif step["kind"] == "vae_image":
+            key = step["input"]
+            lat = patchify_latents(latent_from_moments(ref[f"{key}_vae_moments"], ref[f"{key}_vae_posterior_noise"],
+                                                       cfg.autoencoder), cfg.latent.patch_size)
+            cache = append_vae(model, cache, both(lat[0]), both(ref[nn + "packed_vae_position_ids"]), active)
+            segments[row].append(f"{key}(VAE)")
+        else:
+            key = step["input"]
+            cache = append_vit(model, cache, both(ref[f"{key}_vit_packed_vit_tokens"]),
+                               both(ref[nn + "packed_vit_position_ids"]), active)
+            segments[row].append(f"{key}(ViT)")
+        assert int(cache.length[row]) == step["kv_lens_after"][0] and int(cache.rope[row]) == step["ropes_after"][0]
+        snapshots[(row, tuple(segments[row]))] = cache
+
     for row, ctx, prefix in ((0, "cond_final", "kv_cond"), (1, "img_uncond_turn2", "kv_img_uncond")):
         n = contexts[ctx]["kv_lens"][0]
-        assert int(cache.length[row]) == n and int(cache.rope[row]) == contexts[ctx]["ropes"][0]
+        assert tuple(segments[row]) == tuple(contexts[ctx]["segments"])
         for layer in range(cfg.llm.num_layers):
             assert_close(f"{prefix}_layer{layer}_key", cache.keys[layer, row, :n], ref[f"{prefix}_layer{layer}_key"])
             assert_close(f"{prefix}_layer{layer}_value", cache.values[layer, row, :n],
                          ref[f"{prefix}_layer{layer}_value"])
-    assert int(text_uncond.length[0]) == contexts["text_uncond_turn2"]["kv_lens"][0]
-    assert int(text_uncond.rope[0]) == int(ref["gen_text_start_position"][0])
 
-    # greedy text generation on the [SYS, P, T1, I1(VAE), I1(ViT)] context (row 1 sits out)
+    # greedy text generation (only row 0 is active)
     decode = nnx.jit(kv_cache.decode_step)
-    c, tok, logits = text_uncond, jnp.full((2,), ids.bos, jnp.int32), []
-    for _ in range(len(ref["gen_text_argmax"])):
-        step_logits, c = decode(model, c, tok, image_rows)
+    start = snapshots[(0, tuple(plan["gen_text"]["context"]))]
+    assert int(start.rope[0]) == int(ref["gen_text_start_position"][0])
+    c, tok, logits = start, jnp.full((2,), ids.bos, jnp.int32), []
+    for _ in range(n_gen):
+        step_logits, c = decode(model, c, tok, jnp.asarray([True, False]))
         logits.append(step_logits[0])
         tok = jnp.argmax(step_logits, axis=-1).astype(jnp.int32)
     assert_close("gen_text_logits", jnp.stack(logits), ref["gen_text_logits"])
     np.testing.assert_array_equal(np.argmax(np.stack(logits), -1), ref["gen_text_argmax"])
-    assert int(c.length[1]) == int(text_uncond.length[1])  # inactive row untouched
+    assert int(c.length[1]) == int(start.length[1])  # the inactive row is untouched
 
     # the three CFG branch velocities of one _forward_flow call
     query = nnx.jit(kv_cache.query_noisy_latents)
-    x_t, t = rows2(ref["flow_x_t"]), jnp.asarray([ref["flow_timestep"][0]] * 2)
-    pos = rows2(ref["flow_cond_packed_vae_position_ids"])
+    x_t, t = both(ref["flow_x_t"]), jnp.asarray([ref["flow_timestep"][0]] * 2)
+    pos = both(ref["flow_cond_packed_vae_position_ids"])
+    text_uncond = snapshots[(0, tuple(contexts["text_uncond_turn2"]["segments"]))]
+    assert int(cache.rope[0]) == int(ref["flow_cond_packed_position_ids"][0])
+    assert int(text_uncond.rope[0]) == int(ref["flow_text_uncond_cfg_packed_position_ids"][0])
     before = cache
     v = query(model, cache, x_t, t, pos)
     assert_close("flow_v_cond", v[0], ref["flow_v_cond"])
     assert_close("flow_v_img_uncond", v[1], ref["flow_v_img_uncond"])
     assert_close("flow_v_text_uncond", query(model, text_uncond, x_t, t, pos)[0], ref["flow_v_text_uncond"])
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(cache)))
+
+
+def test_x0_tokens_from_autoencoder(tiny, ref_a):
+    """The training loop's path: AE-encode the padded image batch, patchify, gather by latent_src."""
+    from irg_jax.model.ae_keys import load_autoencoder
+    from irg_jax.model.bagel import latent_tokens
+
+    folder, cfg, _, _ = tiny
+    ref, batch, *_ = ref_a
+    ae = load_autoencoder(folder / "ae.safetensors", cfg.autoencoder)
+    noise = np.transpose(ref["vae_posterior_noise"], (0, 2, 3, 1))
+    tokens = nnx.jit(latent_tokens, static_argnums=3)(ae, batch["vae_images"], jnp.asarray(noise),
+                                                      cfg.latent.patch_size)
+    x0 = gather_latent_tokens(tokens, batch["latent_src"])
+    g = len(ref["packed_vae_token_indexes"])
+    assert_close("packed_latent_clean", x0[0, :g], ref["packed_latent_clean"])
+
+
+def test_bfloat16_compute_within_documented_tolerance(tiny, ref_a):
+    """bf16 activations (fp32 params): per-quantity rms error within 3% of the rms (fixture README §7)."""
+    _, cfg, tensors, _ = tiny
+    ref, batch, _, _, x0, noise = ref_a
+    bf16_cfg = cfg.copy_and_resolve_references()
+    bf16_cfg.dtype = "bfloat16"
+    model = load_bagel(tensors, bf16_cfg)
+    assert model.decoder.lm_head.kernel[...].dtype == jnp.float32
+    out = nnx.jit(lambda m, b, x, e: m(b, x, e))(model, batch, x0, noise)
+    nce = len(ref["ce_loss_indexes"])
+    noisy = np.asarray(batch["latent_noisy"][0])
+    for name, ours, want in (("logits_ce", out["ce_logits"][0, :nce], ref["logits_ce"]),
+                             ("v_pred", out["velocity"][0][noisy], ref["v_pred"])):
+        ours, want = np.asarray(ours, np.float64), np.asarray(want, np.float64)
+        rel = np.sqrt(np.mean((ours - want) ** 2)) / np.sqrt(np.mean(want ** 2))
+        assert 0 < rel < 0.03, f"{name}: bf16 rms error {rel:.4f} of rms"

@@ -17,8 +17,9 @@ Differences from the official loop, all deliberate:
   - the static budgets (``und_len``, ``gen_len``, ``vit_len``, ``ce_len``, ``num_vae_images``)
     are hard limits, for mandatory samples too; a mandatory sample that does not fit goes to
     the buffer instead of overrunning the pack (IRG only skips ``max_num_tokens`` for them);
-  - the sample that triggers an emission is put back at the front of the buffer instead of
-    being dropped;
+  - the sample that triggers an emission is kept instead of being dropped: back at the
+    front of the buffer if it came from there, otherwise it opens the next pack right after
+    the mandatory samples (``carry``);
   - a group that yields nothing usable for ``max_consecutive_skips`` draws raises.
 As in IRG, mandatory samples do not check the soft ``max_num_tokens`` limit, so a pack
 can exceed it (never the static budgets).
@@ -86,6 +87,7 @@ class PackAssembler:
             acc += g.weight
             self._cumprobs.append(acc / total)
         self.buffer: list[Candidate] = []
+        self.carry: Candidate | None = None
 
     # ------------------------------------------------------------------ helpers
     def choose_group(self, u: float) -> int:
@@ -94,7 +96,7 @@ class PackAssembler:
                 return i
         return 0
 
-    def _draw(self, draw: Draw, group: int, stats: collections.Counter) -> Candidate:
+    def _draw(self, draw: Draw, group: int) -> Candidate:
         """Next usable sample of ``group``; bad rows and over-budget samples are counted."""
         for _ in range(self.policy.max_consecutive_skips):
             index, element = draw(group)
@@ -111,11 +113,11 @@ class PackAssembler:
                 why = (f"{length} tokens > max_num_tokens_per_sample {self.policy.max_num_tokens_per_sample}"
                        if too_long else f"exceeds budget {bad} even in an empty pack")
                 self.counter.skip("over_sample_budget", element.source, why, bad_input=False)
-                stats["over_sample_budget"] += 1
                 continue
             return Candidate(group, index, element, usage, length)
+        top = ", ".join(f"{k}: {v}" for k, v in self.counter.skipped.most_common(3))
         raise RuntimeError(f"group {self.groups[group].name!r} produced no usable sample in "
-                           f"{self.policy.max_consecutive_skips} consecutive draws; see the skip log")
+                           f"{self.policy.max_consecutive_skips} consecutive draws (skips so far: {top})")
 
     def _fits(self, builder: PackBuilder, c: Candidate) -> bool:
         return fits(builder.usage + c.usage, self.budgets, self.budgets.vae_image_size) is None
@@ -133,23 +135,34 @@ class PackAssembler:
 
         for g, group in enumerate(self.groups):
             if group.is_mandatory:
-                c = self._draw(draw, g, stats)
+                c = self._draw(draw, g)
                 if self._fits(builder, c):
                     add(c)
                 else:
                     self.buffer.append(c)
                     stats["mandatory_deferred"] += 1
+        if self.carry is not None:
+            c, self.carry = self.carry, None
+            if self._fits(builder, c):
+                add(c)
+            elif len(self.buffer) < p.max_buffer_size:
+                self.buffer.append(c)
+            else:
+                self.counter.skip("dropped_overflow", c.sample.source, "buffer full", bad_input=False)
         while True:
             from_buffer = builder.n < p.prefer_buffer_before and bool(self.buffer)
             if from_buffer:
                 c = self.buffer.pop(0)
             else:
-                c = self._draw(draw, self.choose_group(rand.uniform()), stats)
+                c = self._draw(draw, self.choose_group(rand.uniform()))
             if builder.n + c.length > p.max_num_tokens or not self._fits(builder, c):
                 if len(self.buffer) < p.max_buffer_size and not from_buffer:
                     self.buffer.append(c)
                     continue
-                self.buffer.insert(0, c)
+                if from_buffer:
+                    self.buffer.insert(0, c)
+                else:
+                    self.carry = c
                 if builder.num_samples:
                     break
                 continue
@@ -160,15 +173,18 @@ class PackAssembler:
         return PackResult(builder.finish(), members, dict(stats))
 
     # ------------------------------------------------------------------ resume
-    def buffer_state(self) -> list[list[int]]:
-        return [[c.group, c.index] for c in self.buffer]
+    def buffer_state(self) -> dict[str, list]:
+        """The buffer and the carried sample as ``(group, index)`` references."""
+        return {"buffer": [[c.group, c.index] for c in self.buffer],
+                "carry": [] if self.carry is None else [self.carry.group, self.carry.index]}
 
-    def restore_buffer(self, refs: Sequence[Sequence[int]], fetch: Callable[[int, int], Sample | Skipped]) -> None:
-        """Rebuild the buffer from ``(group, index)`` pairs; ``fetch`` re-reads a sample."""
-        self.buffer = []
-        for g, i in refs:
+    def restore_buffer(self, state: dict, fetch: Callable[[int, int], "Sample | Skipped"]) -> None:
+        """Rebuild the buffer from :meth:`buffer_state`; ``fetch(group, index)`` re-reads a sample."""
+        def load(g, i) -> Candidate:
             s = fetch(int(g), int(i))
             if isinstance(s, Skipped):
                 raise RuntimeError(f"buffered sample {s.source} no longer decodes: {s.reason}")
             u = sample_usage(s, self.rules)
-            self.buffer.append(Candidate(int(g), int(i), s, u, u.tokens))
+            return Candidate(int(g), int(i), s, u, u.tokens)
+        self.buffer = [load(g, i) for g, i in state["buffer"]]
+        self.carry = load(*state["carry"]) if state["carry"] else None

@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 from irg_jax.data import scenes
 from irg_jax.data import synthetic_text as text
 from irg_jax.data.synthetic_prompts import CATEGORIES, INVERSE_RELATION, MAX_COUNT, PromptSpec, prompt_space
+from irg_jax.data.tokenizer import WordTokenizer
 from irg_jax.data.trajectories import DEFAULT_ROWS_PER_GROUP, ModeDatasetWriter, TrajectoryRecord
 
 DEFECT_TYPES: tuple[str, ...] = ("colour", "count", "shape", "position")
@@ -88,9 +89,10 @@ class Trajectory:
     think1: str
     think2: str
 
-    @property
-    def plan_text(self) -> str:
-        return " . ".join(g.phrase() for g in self.plan) + " ."
+
+def plan_text(plan: Sequence[PlannedGroup]) -> str:
+    """The body of think 1 (and of the reflection's final prompt)."""
+    return " . ".join(g.phrase() for g in plan) + " ."
 
 
 # ----------------------------------------------------------------------------- layout
@@ -197,97 +199,115 @@ def _free_spot(objects: Sequence[scenes.SceneObject], side: int, cfg: WorldConfi
 # ----------------------------------------------------------------------------- defects
 
 
-def _defect(kind: str, spec: PromptSpec, plan: Sequence[PlannedGroup], objects: list[scenes.SceneObject],
-            group_of: list[int], cfg: WorldConfig, rng: random.Random):
-    """Applies one defect. Returns (objects1, defect, analysis, improvement, guidance) or None."""
+@dataclasses.dataclass(frozen=True)
+class _Defect:
+    """A wrong first image and the reflection texts that name what is wrong."""
+
+    objects: list[scenes.SceneObject]  # drawn in image 1
+    info: dict  # recorded in the metadata: type, detail, expected, actual, ...
+    analysis: str
+    improvement: str
+    guidance: list[str]
+
+
+def _colour_defect(spec, plan, objects, group_of, cfg, rng) -> _Defect | None:
+    coloured = [i for i, gi in enumerate(group_of) if spec.groups[gi].colour]
+    if not coloured:
+        return None
+    if spec.category == "color_attr" and objects[0].colour != objects[1].colour and rng.random() < 0.5:
+        a, b = objects  # swapped attribution
+        slots = dict(shape=a.shape, other_shape=b.shape, actual=b.colour, other_actual=a.colour,
+                     expected=a.colour, other_expected=b.colour)
+        return _Defect([dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour)],
+                       {"type": "colour", "detail": "swap", "object": 0, "other": 1,
+                        "expected": [a.colour, b.colour], "actual": [b.colour, a.colour]},
+                       text.fill("swap", **slots), text.fill("swap_improvement", **slots),
+                       text.fill("swap_guidance", **slots).split("\n"))
+    i = rng.choice(coloured)
+    o = objects[i]
+    actual = rng.choice([c for c in cfg.colours if c != o.colour])
+    slots = dict(shape=o.shape, where=plan[group_of[i]].place, actual=actual, expected=o.colour)
+    return _Defect(_replaced(objects, i, colour=actual),
+                   {"type": "colour", "detail": "recolour", "object": i, "expected": o.colour, "actual": actual},
+                   text.fill("colour", **slots), text.fill("colour_improvement", **slots),
+                   [text.fill("colour_guidance", **slots)])
+
+
+def _shape_defect(spec, plan, objects, group_of, cfg, rng) -> _Defect:
+    i = rng.randrange(len(objects))
+    o, group = objects[i], plan[group_of[i]]
+    actual = rng.choice([s for s in cfg.shapes if s != o.shape])
+    slots = dict(shape=o.shape, colour=o.colour, actual=actual, plural=scenes.PLURALS[o.shape], where=group.place)
+    alone = "" if group.count == 1 else "_in_group"
+    return _Defect(_replaced(objects, i, shape=actual),
+                   {"type": "shape", "detail": "reshape", "object": i, "expected": o.shape, "actual": actual},
+                   text.fill(f"shape{alone}", **slots), text.fill(f"shape{alone}_improvement", **slots),
+                   [text.fill("shape_guidance", **slots)])
+
+
+def _position_defect(spec, plan, objects, group_of, cfg, rng) -> _Defect | None:
+    """Mirrors the scene along the relation's axis, which inverts the relation and keeps the gaps."""
+    if spec.relation is None:
+        return None
+    horizontal = spec.relation in ("left of", "right of")
+    mirrored = []
+    for o in objects:
+        start = (o.cx if horizontal else o.cy) - o.side // 2
+        centre = cfg.size - o.side - start + o.side // 2
+        mirrored.append(dataclasses.replace(o, **{"cx" if horizontal else "cy": centre}))
+    a, b = objects
+    actual = INVERSE_RELATION[spec.relation]
+    slots = dict(colour=a.colour, shape=a.shape, other_colour=b.colour, other_shape=b.shape,
+                 expected=spec.relation, actual=actual)
+    return _Defect(mirrored, {"type": "position", "detail": "mirrored", "expected": spec.relation, "actual": actual},
+                   text.fill("position", **slots), text.fill("position_improvement", **slots),
+                   [text.fill("position_guidance", **slots)])
+
+
+def _count_defect(spec, plan, objects, group_of, cfg, rng) -> _Defect | None:
+    """One object too few (if at least two were planned) or, for one group below MAX_COUNT, one too many."""
+    can_miss = len(objects) >= 2
+    extra = not can_miss or (len(plan) == 1 and plan[0].count < MAX_COUNT and rng.random() < 0.5)
+    gi = rng.randrange(len(plan))
+    group = plan[gi]
     objs = list(objects)
-    if kind == "colour":
-        coloured = [i for i, gi in enumerate(group_of) if spec.groups[gi].colour]
-        if not coloured:
+    if extra:
+        side = scenes.object_side(group.size, cfg.size)
+        spot = _free_spot(objs, side, cfg, rng)
+        if spot is None and not can_miss:
             return None
-        distinct = len(spec.groups) == 2 and spec.category == "color_attr" and \
-            spec.groups[0].colour != spec.groups[1].colour
-        if distinct and rng.random() < 0.5:  # swapped attribution
-            a, b = objs
-            objs = [dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour)]
-            slots = dict(shape=a.shape, other_shape=b.shape, actual=b.colour, other_actual=a.colour,
-                         expected=a.colour, other_expected=b.colour)
-            defect = {"type": "colour", "detail": "swap", "object": 0, "other": 1,
-                      "expected": [a.colour, b.colour], "actual": [b.colour, a.colour]}
-            return (objs, defect, text.fill("swap", **slots), text.fill("swap_improvement", **slots),
-                    text.fill("swap_guidance", **slots).split("\n"))
-        i = rng.choice(coloured)
-        o = objs[i]
-        actual = rng.choice([c for c in cfg.colours if c != o.colour])
-        objs[i] = dataclasses.replace(o, colour=actual)
-        slots = dict(shape=o.shape, where=plan[group_of[i]].place, actual=actual, expected=o.colour)
-        defect = {"type": "colour", "detail": "recolour", "object": i, "expected": o.colour, "actual": actual}
-        return (objs, defect, text.fill("colour", **slots), text.fill("colour_improvement", **slots),
-                [text.fill("colour_guidance", **slots)])
-    if kind == "shape":
-        i = rng.randrange(len(objs))
-        o = objs[i]
-        actual = rng.choice([s for s in cfg.shapes if s != o.shape])
-        objs[i] = dataclasses.replace(o, shape=actual)
-        group = plan[group_of[i]]
-        slots = dict(shape=o.shape, colour=o.colour, actual=actual, plural=scenes.PLURALS[o.shape],
-                     where=group.place)
-        defect = {"type": "shape", "detail": "reshape", "object": i, "expected": o.shape, "actual": actual}
-        one = group.count == 1
-        return (objs, defect, text.fill("shape" if one else "shape_in_group", **slots),
-                text.fill("shape_improvement" if one else "shape_in_group_improvement", **slots),
-                [text.fill("shape_guidance", **slots)])
-    if kind == "position":
-        if spec.relation is None:
-            return None
-        horizontal = spec.relation in ("left of", "right of")
-        S = cfg.size
-        objs = [dataclasses.replace(o, cx=S - o.side - (o.cx - o.side // 2) + o.side // 2) if horizontal else
-                dataclasses.replace(o, cy=S - o.side - (o.cy - o.side // 2) + o.side // 2) for o in objs]
-        a, b = objects
-        slots = dict(colour=a.colour, shape=a.shape, other_colour=b.colour, other_shape=b.shape,
-                     expected=spec.relation, actual=INVERSE_RELATION[spec.relation])
-        defect = {"type": "position", "detail": "mirrored", "object": 0, "expected": spec.relation,
-                  "actual": INVERSE_RELATION[spec.relation]}
-        return (objs, defect, text.fill("position", **slots), text.fill("position_improvement", **slots),
-                [text.fill("position_guidance", **slots)])
-    if kind == "count":
-        counts = [g.count for g in plan]
-        can_miss = len(objs) >= 2
-        extra = not can_miss or (len(plan) == 1 and counts[0] < MAX_COUNT and rng.random() < 0.5)
-        gi = rng.randrange(len(plan))
-        group = plan[gi]
-        if extra:
-            side = scenes.object_side(group.size, cfg.size)
-            spot = _free_spot(objs, side, cfg, rng)
-            if spot is None:
-                if not can_miss:
-                    return None
-                extra = False
-            else:
-                objs.append(_Layout(cfg.size, rng).obj(group, spot[0], spot[1], side))
-        if not extra:
-            members = [i for i, g in enumerate(group_of) if g == gi]
-            i = rng.choice(members)
-            del objs[i]
-        actual = group.count + (1 if extra else -1)
-        noun = group.shape if actual == 1 else scenes.PLURALS[group.shape]
-        slots = dict(colour=group.colour, shape=group.shape, size=group.size, where=group.place,
-                     actual=text.number_word(actual), expected=text.number_word(group.count),
-                     noun=noun, expected_noun=group.shape if group.count == 1 else scenes.PLURALS[group.shape])
-        defect = {"type": "count", "detail": "extra" if extra else "missing", "group": gi,
-                  "expected": group.count, "actual": actual}
-        if not extra and group.count == 1:
-            analysis, guidance = text.fill("missing", **slots), text.fill("missing_guidance", **slots)
+        if spot is None:
+            extra = False
         else:
-            analysis = text.fill("count", **slots)
-            guidance = text.fill("extra_guidance" if extra else "missing_in_group_guidance", **slots)
-        improvement = text.fill("count_improvement", **{**slots, "noun": slots["expected_noun"]})
-        return objs, defect, analysis, improvement, [guidance]
-    raise ValueError(f"unknown defect type {kind!r}")
+            objs.append(_Layout(cfg.size, rng).obj(group, spot[0], spot[1], side))
+    if not extra:
+        del objs[rng.choice([i for i, g in enumerate(group_of) if g == gi])]
+    actual = group.count + (1 if extra else -1)
+    noun = lambda n: group.shape if n == 1 else scenes.PLURALS[group.shape]  # noqa: E731
+    slots = dict(colour=group.colour, shape=group.shape, size=group.size, where=group.place,
+                 actual=text.number_word(actual), expected=text.number_word(group.count))
+    if not extra and group.count == 1:
+        analysis, guidance = text.fill("missing", **slots), text.fill("missing_guidance", **slots)
+    else:
+        analysis = text.fill("count", **slots, noun=noun(actual))
+        guidance = text.fill("extra_guidance" if extra else "missing_in_group_guidance", **slots)
+    return _Defect(objs, {"type": "count", "detail": "extra" if extra else "missing", "group": gi,
+                          "expected": group.count, "actual": actual},
+                   analysis, text.fill("count_improvement", **slots, noun=noun(group.count)), [guidance])
+
+
+def _replaced(objects: Sequence[scenes.SceneObject], i: int, **changes) -> list[scenes.SceneObject]:
+    out = list(objects)
+    out[i] = dataclasses.replace(out[i], **changes)
+    return out
+
+
+_DEFECT_MAKERS = {"colour": _colour_defect, "count": _count_defect, "shape": _shape_defect,
+                  "position": _position_defect}
 
 
 def applicable_defects(spec: PromptSpec) -> list[str]:
+    """Defect types that break a constraint of ``spec`` (colour needs a named colour, position a relation)."""
     kinds = ["count", "shape"]
     if any(g.colour for g in spec.groups):
         kinds.append("colour")
@@ -345,25 +365,24 @@ class World:
         category = rng.choice(cfg.categories)
         spec = rng.choice(self.train_prompts[category])
         plan, objects, group_of = _plan_and_place(spec, cfg, rng)
-        body = " . ".join(g.phrase() for g in plan) + " ."
+        body = plan_text(plan)
         think1 = text.wrap_think(body)
-        result = None
+        defect = None
         if rng.random() < cfg.defect_prob:
             kinds = applicable_defects(spec)
             rng.shuffle(kinds)
-            for kind in kinds:
-                result = _defect(kind, spec, plan, objects, group_of, cfg, rng)
-                if result is not None:
+            for kind in kinds:  # the first that applies to this scene
+                defect = _DEFECT_MAKERS[kind](spec, plan, objects, group_of, cfg, rng)
+                if defect is not None:
                     break
-        if result is None:
-            objects1, defect = objects, None
+        if defect is None:
             think2 = text.reflection(text.fill("correct"), text.fill("correct_improvement"),
                                      text.fill("correct_guidance").split("\n"), body)
-        else:
-            objects1, defect, analysis, improvement, guidance = result
-            steps = [*guidance, text.fill("keep_rest", step=len(guidance) + 1)]
-            think2 = text.reflection(analysis, improvement, steps, body)
-        return Trajectory(index, spec, plan, tuple(objects), tuple(group_of), tuple(objects1), defect,
+            return Trajectory(index, spec, plan, tuple(objects), tuple(group_of), tuple(objects), None,
+                              think1, think2)
+        steps = [*defect.guidance, text.fill("keep_rest", step=len(defect.guidance) + 1)]
+        think2 = text.reflection(defect.analysis, defect.improvement, steps, body)
+        return Trajectory(index, spec, plan, tuple(objects), tuple(group_of), tuple(defect.objects), defect.info,
                           think1, think2)
 
     def record(self, traj: Trajectory) -> TrajectoryRecord:
@@ -423,10 +442,12 @@ def generate(out_dir: str | pathlib.Path, num: int, seed: int, cfg: WorldConfig 
             if record.metadata["defect"]:
                 defects[record.metadata["defect"]["type"]] += 1
     with (out / "heldout_prompts.jsonl").open("w", encoding="utf-8") as f:
-        for line in world.heldout_prompts(heldout if heldout > 0 else 0):
+        for line in world.heldout_prompts(max(heldout, 0)):
             f.write(json.dumps(line) + "\n")
     words = text.corpus_words(cfg.colours, cfg.system_prompt)
     (out / "vocab.json").write_text(json.dumps({"tokenization": "whitespace (str.split)", "words": words}, indent=1))
+    # The demo's word-level tokenizer (``load_tokenizer(out)`` finds it).
+    WordTokenizer.from_corpus(words).save(str(out / "word_vocab.json"))
     summary = {
         "num": num, "seed": seed, "config": dataclasses.asdict(cfg), "heldout": heldout,
         "heldout_meanings": {c: len(k) for c, k in world.heldout_keys.items()},

@@ -17,11 +17,8 @@ from typing import Iterable, Sequence
 
 from irg_jax.data import scenes
 from irg_jax.data.synthetic_prompts import NUMBER_WORDS, RELATIONS
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-SECTION_IMPROVEMENTS = "### Detailed Explanation of Required Improvements:"
-SECTION_GUIDANCE = "### Step-by-Step Modification Guidance:"
-SECTION_FINAL_PROMPT = "### Final Comprehensive Prompt for the Improved Image:"
+from irg_jax.data.trajectories import (SECTION_FINAL_PROMPT, SECTION_GUIDANCE, SECTION_IMPROVEMENTS,  # noqa: F401
+                                       SYSTEM_PROMPT_FULL, SYSTEM_PROMPT_SHORT, THINK_CLOSE, THINK_OPEN)
 
 # Where a single object sits (cells of a 3x3 grid, or a half of the canvas).
 CELL_WORDS: tuple[str, ...] = ("top left", "top", "top right", "left", "center", "right",
@@ -48,7 +45,7 @@ TEMPLATES = {
     "shape_in_group_improvement": "- every object must be a {shape} .",
     "shape_guidance": "1. redraw the {colour} {actual} as a {shape} .",
     "missing": "the {colour} {shape} is missing .",
-    "count": "there are {actual} {colour} {noun} , but the prompt asks for {expected} .",
+    "count": "the image shows {actual} {colour} {noun} , but the prompt asks for {expected} .",
     "count_improvement": "- the image must show exactly {expected} {colour} {noun} .",
     "missing_guidance": "1. add a {size} {colour} {shape} at the {where} .",
     "missing_in_group_guidance": "1. add the missing {colour} {shape} .",
@@ -58,26 +55,6 @@ TEMPLATES = {
     "position_guidance": "1. swap the places of the {colour} {shape} and the {other_colour} {other_shape} .",
     "keep_rest": "{step}. keep everything else unchanged .",
 }
-
-# The system prompt, in our own words (IRG's content: plan in <think>, draw; then analyse
-# and improve with the four-section think). SHORT is the demo default: every token costs.
-SYSTEM_PROMPT_SHORT = ("plan the image inside <think> </think> , then draw it . then check the image , "
-                       "write an improvement think with the three ### sections , and draw a better image .")
-SYSTEM_PROMPT_FULL = (
-    "Think about the picture before drawing it: write the plan inside <think> </think> and then "
-    "give the image, as in <think> plan here </think> image here. Once one image and one round of "
-    "thinking are done, keep going: examine the image you drew, find where it falls short of the "
-    "request, and produce a better image. Each later round compares the previous image with what "
-    "the improved one must look like and explains, step by step, how to get from one to the other.\n"
-    "Every improvement think starts with <think> and ends with </think>, uses paragraph breaks, "
-    "and has these parts:\n"
-    "   - a first paragraph that analyses the previous image and its shortcomings\n"
-    f"   - {SECTION_IMPROVEMENTS}\n"
-    f"   - {SECTION_GUIDANCE}\n"
-    f"   - {SECTION_FINAL_PROMPT}\n"
-    "Make the guidance concrete and usable for image generation: layout, light, colour, texture, "
-    "placement and style. Describe only the thinking, never the improved image itself.")
-
 
 def wrap_think(body: str) -> str:
     return f"{THINK_OPEN} {body} {THINK_CLOSE}"

@@ -8,7 +8,8 @@ parquet dataset in IRG's conversation format (spec §5.1):
 
 with one conversation per trajectory:
 
-    user      system prompt (need_loss false; IRG's parser ignores a "system" role)
+    user      system prompt (need_loss false; IRG's parser ignores a "system" role);
+              SYSTEM_PROMPT_FULL paraphrases IRG's, SYSTEM_PROMPT_SHORT is the demo's
     user      prompt        (need_loss false)
     assistant [think1, image1, think2, image2]  the parts the mode uses, with its flags
 
@@ -39,7 +40,30 @@ from typing import Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from irg_jax.data.synthetic_text import SYSTEM_PROMPT_FULL
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SECTION_IMPROVEMENTS = "### Detailed Explanation of Required Improvements:"
+SECTION_GUIDANCE = "### Step-by-Step Modification Guidance:"
+SECTION_FINAL_PROMPT = "### Final Comprehensive Prompt for the Improved Image:"
+
+# The system prompt, in our own words (IRG's content: plan in <think>, draw; then analyse
+# and improve with the four-section think). SHORT is the demo default: every token costs.
+SYSTEM_PROMPT_SHORT = ("plan the image inside <think> </think> , then draw it . then check the image , "
+                       "write an improvement think with the three ### sections , and draw a better image .")
+SYSTEM_PROMPT_FULL = (
+    "Think about the picture before drawing it: write the plan inside <think> </think> and then "
+    "give the image, as in <think> plan here </think> image here. Once one image and one round of "
+    "thinking are done, keep going: examine the image you drew, find where it falls short of the "
+    "request, and produce a better image. Each later round compares the previous image with what "
+    "the improved one must look like and explains, step by step, how to get from one to the other.\n"
+    "Every improvement think starts with <think> and ends with </think>, uses paragraph breaks, "
+    "and has these parts:\n"
+    "   - a first paragraph that analyses the previous image and its shortcomings\n"
+    f"   - {SECTION_IMPROVEMENTS}\n"
+    f"   - {SECTION_GUIDANCE}\n"
+    f"   - {SECTION_FINAL_PROMPT}\n"
+    "Make the guidance concrete and usable for image generation: layout, light, colour, texture, "
+    "placement and style. Describe only the thinking, never the improved image itself.")
+
 
 MODES: tuple[str, ...] = (
     "initial_thinking_understanding_learning",

@@ -23,7 +23,6 @@ arrays ``[B, Lq]`` / ``[B, Lk]``, output ``[B, Lq, Hq, D]`` in ``q.dtype``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -134,14 +133,13 @@ def _meta_blocks(m: TokenMeta, n: int, size: int, pad_doc: int) -> TokenMeta:
     return TokenMeta(*(_blocks(_pad_to(a, 1, size, f), n) for a, f in zip(m, fill)))
 
 
-def _block_scores(qb, kb, qm, km, scale):
-    """Scores [B, Hk, G, bq, bk] (fp32, masked to _NEG) and the mask [B, 1, 1, bq, bk]."""
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * scale
-    mask = allowed_mask(qm, km)[:, None, None]
-    return jnp.where(mask, s, _NEG), mask
+def _block_scores(qb, kb, mask):
+    """Scaled scores [B, Hk, G, bq, bk] in fp32, masked to _NEG; mask [B, 1, 1, bq, bk]."""
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * qb.shape[-1] ** -0.5
+    return jnp.where(mask, s, _NEG)
 
 
-def _flash_forward(q, k, v, qm, km, scale):
+def _flash_forward(q, k, v, qm, km):
     """q [nq, B, bq, Hk, G, D], k/v [nk, B, bk, Hk, D] -> out like q, lse [nq, B, Hk, G, bq]."""
     nq, b, bq, hk, g, d = q.shape
 
@@ -150,19 +148,19 @@ def _flash_forward(q, k, v, qm, km, scale):
 
         def k_block(carry, kargs):
             kb, vb, kmb = kargs
+            mask = allowed_mask(qmb, kmb)[:, None, None]
 
             def compute(carry):
                 m, l, acc = carry
-                s, mask = _block_scores(qb, kb, qmb, kmb, scale)
+                s = _block_scores(qb, kb, mask)
                 m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.exp(s - m_new[..., None]) * mask
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
                 corr = jnp.exp(m - m_new)
                 acc = acc * corr[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb,
                                                          preferred_element_type=jnp.float32)
                 return m_new, l * corr + p.sum(-1), acc
 
-            any_allowed = jnp.any(allowed_mask(qmb, kmb))
-            return jax.lax.cond(any_allowed, compute, lambda c: c, carry), None
+            return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry), None
 
         init = (jnp.full((b, hk, g, bq), _NEG, jnp.float32), jnp.zeros((b, hk, g, bq), jnp.float32),
                 jnp.zeros((b, hk, g, bq, d), jnp.float32))
@@ -175,7 +173,7 @@ def _flash_forward(q, k, v, qm, km, scale):
     return jax.lax.map(q_block, (q, qm))
 
 
-def _flash_backward(q, k, v, qm, km, out, lse, dout, scale):
+def _flash_backward(q, k, v, qm, km, out, lse, dout):
     """Gradients for q, k, v (blocked layouts as in _flash_forward)."""
     delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -184,13 +182,13 @@ def _flash_backward(q, k, v, qm, km, out, lse, dout, scale):
 
         def k_block(dq, kargs):
             kb, vb, kmb = kargs
+            mask = allowed_mask(qmb, kmb)[:, None, None]
 
             def compute(dq):
-                s, mask = _block_scores(qb, kb, qmb, kmb, scale)
-                p = jnp.exp(s - lseb[..., None]) * mask
+                p = jnp.where(mask, jnp.exp(_block_scores(qb, kb, mask) - lseb[..., None]), 0.0)
                 dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, preferred_element_type=jnp.float32)
-                ds = (p * (dp - deltab[..., None]) * scale).astype(qb.dtype)
+                ds = (p * (dp - deltab[..., None]) * qb.shape[-1] ** -0.5).astype(qb.dtype)
                 dq = dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds, kb, preferred_element_type=jnp.float32)
                 dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qb, preferred_element_type=jnp.float32)
                 return dq, (dk, dv)
@@ -199,7 +197,7 @@ def _flash_backward(q, k, v, qm, km, out, lse, dout, scale):
                 zeros = jnp.zeros(kb.shape, jnp.float32)
                 return dq, (zeros, zeros)
 
-            return jax.lax.cond(jnp.any(allowed_mask(qmb, kmb)), compute, skip, dq)
+            return jax.lax.cond(jnp.any(mask), compute, skip, dq)
 
         dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), (k, v, km))
         return (dkv[0] + dk, dkv[1] + dv), dq
@@ -209,19 +207,20 @@ def _flash_backward(q, k, v, qm, km, out, lse, dout, scale):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, qm, km, scale):
-    return _flash_forward(q, k, v, qm, km, scale)[0]
+@jax.custom_vjp
+def _flash(q, k, v, qm, km):
+    """Softmax(q k^T / sqrt(D)) v under the metadata mask; blocked layouts as in _flash_forward."""
+    return _flash_forward(q, k, v, qm, km)[0]
 
 
-def _flash_fwd(q, k, v, qm, km, scale):
-    out, lse = _flash_forward(q, k, v, qm, km, scale)
+def _flash_fwd(q, k, v, qm, km):
+    out, lse = _flash_forward(q, k, v, qm, km)
     return out, (q, k, v, qm, km, out, lse)
 
 
-def _flash_bwd(scale, res, dout):
+def _flash_bwd(res, dout):
     q, k, v, qm, km, out, lse = res
-    dq, dk, dv = _flash_backward(q, k, v, qm, km, out, lse, dout, scale)
+    dq, dk, dv = _flash_backward(q, k, v, qm, km, out, lse, dout)
     return dq, dk, dv, None, None
 
 
@@ -241,5 +240,5 @@ def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q:
     vb = _blocks(_pad_to(v, 1, nk * bk, 0), nk)
     qm = _meta_blocks(q_meta, nq, nq * bq, _PAD_QUERY_DOC)
     km = _meta_blocks(k_meta, nk, nk * bk, INVALID_DOC)
-    out = _flash(qg, kb, vb, qm, km, d ** -0.5)
+    out = _flash(qg, kb, vb, qm, km)
     return _unblocks(out)[:, :lq].reshape(b, lq, hq, d)

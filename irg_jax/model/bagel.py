@@ -26,7 +26,7 @@ from irg_jax.model.config import latent_token_dim
 from irg_jax.model.decoder import Decoder
 from irg_jax.model.embeddings import Linear, TimestepEmbedder, patchify_latents, sincos_2d_table
 from irg_jax.model.vit import Connector, SiglipEncoder
-from irg_jax.parallel.sharding import constrain, param
+from irg_jax.parallel.sharding import constrain
 
 
 class FixedTable(nnx.Variable):
@@ -100,7 +100,10 @@ class Bagel(nnx.Module):
 
         is_text = (pack["kind"][:, :und_len] == TEXT)[..., None]
         h_und = jnp.where(is_text, self.embed_text(text_ids[:, :und_len]), 0).astype(self.dtype)
-        if pack["vit_patches"].shape[1] > 0 and self.vit is not None:
+        if pack["vit_patches"].shape[1] > 0:
+            if self.vit is None:
+                raise ValueError(f"the pack has a ViT budget of {pack['vit_patches'].shape[1]} tokens but "
+                                 "model.vit.enabled is False")
             image_id = pack["vit_image_id"]
             feats = self.embed_vit(pack["vit_patches"], pack["vit_pos_ids"], image_id)
             dest = jnp.where(image_id >= 0, pack["vit_dest"], und_len)  # padding rows are dropped

@@ -49,7 +49,7 @@ def pack_from_official(ref: Mapping[str, np.ndarray], split_lens: Sequence[Seque
         budgets = pb.PackBudgets(und_len=len(und_idx), gen_len=len(vae_idx), vit_len=len(vit_idx),
                                  ce_len=len(ce_idx), num_vae_images=images.shape[0],
                                  vae_image_size=images.shape[1:3],
-                                 vit_patch_dim=np.asarray(ref["packed_vit_tokens"]).shape[-1])
+                                 vit_patch_dim=np.shape(ref.get("packed_vit_tokens", np.zeros((0, 588))))[-1])
     if (budgets.und_len < len(und_idx) or budgets.gen_len < len(vae_idx) or budgets.vit_len < len(vit_idx)
             or budgets.ce_len < len(ce_idx) or budgets.num_vae_images < images.shape[0]):
         raise ValueError(f"official pack does not fit budgets {budgets}")

@@ -26,6 +26,7 @@ def main(argv: list[str]) -> None:
     from irg_jax.config import ConfigError, validate, write_resolved
 
     runtime.maybe_initialize_distributed()
+    runtime.quiet_library_logs()
     config = _CONFIG.value
     try:
         validate(config)

@@ -45,6 +45,19 @@ class _Sigterm:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def check_tokenizer(tokenizer, model_cfg: ml_collections.ConfigDict) -> None:
+    """The model's special ids and vocabulary must agree with the data's tokenizer."""
+    ids = model_cfg.special_ids
+    want = dict(bos=tokenizer.bos_id, eos=tokenizer.eos_id, start_of_image=tokenizer.start_of_image_id,
+                end_of_image=tokenizer.end_of_image_id)
+    have = {k: ids[k] for k in want}
+    if have != want:
+        raise ValueError(f"config.model.special_ids {have} differ from the tokenizer's {want}")
+    if tokenizer.vocab_size > model_cfg.llm.vocab_size:
+        raise ValueError(f"config.model.llm.vocab_size {model_cfg.llm.vocab_size} < tokenizer vocabulary "
+                         f"{tokenizer.vocab_size}")
+
+
 def step_flops(config: ml_collections.ConfigDict, budgets) -> float:
     """Analytic model FLOPs of one optimiser step at the configured token budgets."""
     return float(training_flops(config.model, batch=config.batch_size, und_len=budgets.und_len,
@@ -54,6 +67,7 @@ def step_flops(config: ml_collections.ConfigDict, budgets) -> float:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train until ``config.total_steps``; returns the last logged scalars."""
     from irg_jax.data import pipeline  # imported late: keeps `--help` fast
+    from irg_jax.data.tokenizer import load_tokenizer
 
     mesh = build_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding.rules)
@@ -68,14 +82,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled), bundle.abstract_params)
     state_shardings = state_lib.shardings(abstract_state, bundle.param_shardings, replicated)
 
-    data = pipeline.make_train_iterator(config, mesh, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+    tokenizer = load_tokenizer(config.data.tokenizer_path)
+    check_tokenizer(tokenizer, config.model)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    data_iter, budgets = pipeline.make_train_iterator(
+        config.data, config.model, tokenizer, seed=config.seed, batch_size=config.batch_size,
+        sharding=batch_sharding)
     ckpt = checkpointing.Checkpointer(workdir, config)
     start = ckpt.latest_step()
     if start is not None:
         logging.info("resuming from step %d in %s", start, ckpt.directory)
         state = ckpt.restore(start, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
-                             data.iterator)
+                             data_iter)
     else:
         start = 0
         params = (init_from.load_params(config.checkpoint, bundle, mesh)
@@ -87,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     forward = model_setup.make_forward(bundle)
     step_fn = jax.jit(
         make_train_step(forward, tx, schedule, config, step_frozen_fn(bundle.abstract_params, config.freeze)),
-        in_shardings=(state_shardings, data.sharding), out_shardings=(state_shardings, replicated),
+        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
         donate_argnums=0)
 
     peak, peak_source = mfu_lib.peak_flops_per_device()
@@ -96,12 +114,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = ProgressLine(config.total_steps, start)
     sigterm = _Sigterm()
     last: dict = {}
-    flops_per_step = step_flops(config, data.budgets)
+    flops_per_step = step_flops(config, budgets[-1])
     window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
     try:
         with jax.set_mesh(mesh), activation_rules(rules):
             for step in range(start, config.total_steps):
-                batch = next(data.iterator)
+                batch = next(data_iter)
                 state, metrics = step_fn(state, batch)
                 window_steps += 1
                 window_tokens += metrics["real_tokens"]  # stays on device until logged
@@ -122,13 +140,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         step_time=elapsed / window_steps, tokens_per_s=float(window_tokens) / elapsed,
                         mfu=mfu_lib.mfu(flops_per_step, elapsed / window_steps, peak, peak_devices),
                         nonfinite_total=int(state.nonfinite_total), compilations=step_fn._cache_size(),
-                        **{f"data/{k}": float(v) for k, v in data.counters().items()})
+                        **data_iter.metrics())
                     writer.write(done, scalars)
                     progress.log(done, scalars)
                     last = scalars
                     window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if done % config.checkpoint_every == 0 or done == config.total_steps or sigterm.received:
-                    ckpt.save(done, state, data.iterator, force=True)
+                    ckpt.save(done, state, data_iter, force=True)
                 if sigterm.received:
                     break
         ckpt.wait()

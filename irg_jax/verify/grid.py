@@ -54,7 +54,7 @@ def render_grid(folders: Sequence[pathlib.Path], out_png: str | pathlib.Path, *,
         raise ValueError("no result folders to draw")
     font = _font(font_size)
     line_h = font_size + 3
-    text_w = int(text_chars * font_size * 0.62)
+    text_w = int(text_chars * font_size * 0.52)
     widths = (text_w, text_w, image_px, text_w, image_px)
     rows = []
     for folder in folders:

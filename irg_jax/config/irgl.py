@@ -1,0 +1,107 @@
+"""IRGL stage-1 / stage-2 training configs (mirroring IRG's run scripts, spec §4.6-4.8).
+
+``configs/irgl_stage1.py`` and ``configs/irgl_stage2.py`` call :func:`irgl_config`. The
+argument string picks a variant and optional paths: ``"<variant>[,data_root=DIR][,init_from=DIR]"``
+with variant ``bagel_7b_mot`` (default), ``demo`` (the CPU demo) or ``tiny`` (tests).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from irg_jax.config.schema import base_config
+from irg_jax.data.config import default_data_config
+from irg_jax.data.mixture import stage1_groups, stage2_groups
+from irg_jax.model import config as model_configs
+
+VARIANTS = ("bagel_7b_mot", "demo", "tiny")
+# The demo world's WordTokenizer puts <unk> at 0 and the four special tokens at 1..4.
+WORD_TOKENIZER_SPECIAL_IDS = dict(bos=1, eos=2, start_of_image=3, end_of_image=4)
+
+
+def parse_arg(arg: str | None) -> tuple[str, dict[str, str]]:
+    parts = [p for p in (arg or "").split(",") if p]
+    variant = "bagel_7b_mot"
+    if parts and "=" not in parts[0]:
+        variant = parts.pop(0)
+    if variant not in VARIANTS:
+        raise ValueError(f"config arg: unknown variant {variant!r}; choose one of {VARIANTS}")
+    kv = {}
+    for p in parts:
+        k, sep, v = p.partition("=")
+        if not sep or k not in ("data_root", "init_from", "tokenizer"):
+            raise ValueError(f"config arg: expected data_root=, init_from= or tokenizer=, got {p!r}")
+        kv[k] = v
+    return variant, kv
+
+
+def _small_model(vocab_size: int, layers: int, hidden: int, mlp: int) -> ml_collections.ConfigDict:
+    m = model_configs.demo(vocab_size=vocab_size)
+    m.llm.num_layers, m.llm.hidden_size, m.llm.intermediate_size = layers, hidden, mlp
+    m.llm.head_dim = hidden // m.llm.num_heads
+    m.special_ids = ml_collections.ConfigDict(WORD_TOKENIZER_SPECIAL_IDS)
+    return m
+
+
+def _small_data(stage: int, data_root: str, image: int, und_len: int, gen_len: int, vit_len: int,
+                ce_len: int, images: int, model) -> ml_collections.ConfigDict:
+    d = default_data_config()
+    stride = model.autoencoder.downsample * model.latent.patch_size
+    vit_patch = model.vit.patch_size
+    groups = stage1_groups if stage == 1 else stage2_groups
+    d.groups = groups(data_root, vae=(stride, image, image), vit=(vit_patch, image, image))
+    d.tokenizer_path = data_root
+    d.pack = ml_collections.ConfigDict({
+        "und_len": und_len, "gen_len": gen_len, "vit_len": vit_len, "ce_len": ce_len,
+        "num_vae_images": images, "image_buckets": ((image, image),)})
+    d.max_num_tokens = und_len + gen_len
+    d.expected_num_tokens = int(0.9 * d.max_num_tokens)
+    d.max_num_tokens_per_sample = d.max_num_tokens
+    d.prefer_buffer_before = d.max_num_tokens // 2
+    d.vae_downsample = model.autoencoder.downsample
+    d.latent_patch_size = model.latent.patch_size
+    d.vit_patch_size = vit_patch
+    d.max_latent_size = model.latent.max_latent_size
+    d.vit_max_patches_per_side = model.vit.max_patches_per_side
+    d.timestep_shift = model.latent.timestep_shift
+    d.read_threads = 1
+    d.prefetch_batches = 1
+    return d
+
+
+def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
+    variant, kv = parse_arg(arg)
+    c = base_config()
+    c.optim.lr = 2e-5
+    c.optim.warmup_steps = 500 if stage == 1 else 0
+    c.ema.decay = 0.995
+    if variant == "bagel_7b_mot":
+        c.model = model_configs.bagel_7b_mot()
+        c.data = default_data_config()
+        c.data.groups = (stage1_groups if stage == 1 else stage2_groups)(kv.get("data_root", ""))
+        c.data.tokenizer_path = kv.get("tokenizer", kv.get("init_from", ""))
+        c.batch_size = 8          # one ~40k-token pack per GPU, as IRG's 8-GPU runs
+        c.total_steps = 30000
+        c.log_every = 1
+        c.checkpoint_every = 1000
+    else:
+        small = dict(demo=dict(layers=4, hidden=128, mlp=384), tiny=dict(layers=2, hidden=64, mlp=128))[variant]
+        c.model = _small_model(vocab_size=256, **small)
+        # One pack holds the four mandatory samples of stage 1 (about 500 und + 384 gen tokens).
+        budgets = dict(demo=dict(und_len=640, gen_len=448, vit_len=96, ce_len=320, images=8),
+                       tiny=dict(und_len=576, gen_len=384, vit_len=64, ce_len=256, images=8))[variant]
+        c.data = _small_data(stage, kv.get("data_root", ""), 32, model=c.model, **budgets)
+        if "tokenizer" in kv:
+            c.data.tokenizer_path = kv["tokenizer"]
+        c.optim.lr = 1e-3 if variant == "demo" else 3e-3
+        c.optim.warmup_steps = 50 if stage == 1 else 0
+        c.optim.schedule = "cosine" if variant == "demo" else "constant"
+        c.ema.decay = 0.99
+        c.batch_size = 8
+        c.total_steps = 600 if variant == "demo" else 20
+        c.log_every = 10 if variant == "demo" else 2
+        c.checkpoint_every = 200 if variant == "demo" else 10
+        c.checkpoint.keep = 2
+    if "init_from" in kv:
+        c.checkpoint.init_from = kv["init_from"]
+        c.checkpoint.init_from_kind = "params" if stage == 1 else "train_state"
+    return c

@@ -1,0 +1,303 @@
+"""The training input pipeline on Grain: parquet rows -> samples -> packs -> global batches.
+
+    per group (dataset mode):
+      MapDataset.source(ParquetRows)      every row of the group's parquet files
+        .shuffle(seed_g).repeat()         seeded global shuffle, reshuffled every epoch
+        [process_index::process_count]    per-process shard
+        .map(RowDecoder)                  parse + tokenize + image transforms -> Sample | Skipped
+    PackIterDataset(groups)               IRG's packing policy (pack_policy.py) -> one pack
+      .mp_prefetch(num_workers)           optional worker processes (each packs its own slice)
+    BatchIterDataset                      local batch; all packs padded to one image bucket
+      ThreadPrefetchIterDataset           optional background thread
+    TrainIterator                         global jax.Arrays (make_array_from_process_local_data),
+                                          skip/overflow metrics, exact checkpointable state
+
+Resume is exact: the state holds, per worker, the number of packs emitted, each group's
+cursor and the overflow buffer as ``(group, index)`` references (re-decoded on restore);
+all packing randomness is drawn from a generator seeded by ``(seed, process, worker, pack)``.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from irg_jax.data import packed_batch as pb
+from irg_jax.data.config import (budgets_from_config, check_data_config, policy_from_config, rules_from_config,
+                                 vae_stride)
+from irg_jax.data.irg_format import ParquetRows, RowDecoder, SkipCounter
+from irg_jax.data.mixture import groups_from_config
+from irg_jax.data.pack_policy import GroupChoice, PackAssembler, PackingPolicy
+from irg_jax.data.packing import NumpyPackRandom, PackingRules, rebucket, to_packed_batch
+from irg_jax.data.tokenizer import Tokenizer, load_tokenizer
+from irg_jax.data.transforms import bucket_for
+
+
+def _seed32(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------- packs
+
+
+class PackIterDataset(grain.IterDataset):
+    """Packs from the group datasets (``MapDataset`` of Sample | Skipped, infinite)."""
+
+    def __init__(self, group_datasets: Sequence[grain.MapDataset], groups: Sequence[GroupChoice],
+                 policy: PackingPolicy, rules: PackingRules, budgets: Sequence[pb.PackBudgets], *,
+                 seed: int, process_index: int, read_threads: int = 0, fail_fast: bool = False):
+        super().__init__(list(group_datasets))
+        self.group_datasets = list(group_datasets)
+        self.groups, self.policy, self.rules, self.budgets = list(groups), policy, rules, tuple(budgets)
+        self.seed, self.process_index = seed, process_index
+        self.read_threads, self.fail_fast = read_threads, fail_fast
+        self.worker_slice = slice(0, None, 1)
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Called by ``mp_prefetch`` in each worker: pack only this worker's slice of every group."""
+        del sequential_slice
+        self.worker_slice = sl
+
+    def __iter__(self) -> "PackIterator":
+        return PackIterator(self)
+
+    def __str__(self) -> str:
+        return f"PackIterDataset(groups={[g.name for g in self.groups]})"
+
+
+class PackIterator(grain.DatasetIterator):
+    def __init__(self, ds: PackIterDataset):
+        super().__init__()
+        self._ds = ds
+        sl = ds.worker_slice
+        self._sources = [g if sl == slice(0, None, 1) else g[sl] for g in ds.group_datasets]
+        self._worker = sl.start or 0
+        self._counter = SkipCounter(fail_fast=ds.fail_fast)
+        self._assembler = PackAssembler(ds.groups, ds.policy, ds.rules, ds.budgets[-1], self._counter)
+        self._iters: list = [None] * len(self._sources)
+        self._cursors = [0] * len(self._sources)
+        self._num_packs = 0
+
+    def _stream(self, g: int):
+        if self._iters[g] is None:
+            opts = grain.ReadOptions(num_threads=self._ds.read_threads, prefetch_buffer_size=max(2, 2 * self._ds.read_threads))
+            it = self._sources[g].to_iter_dataset(opts).__iter__()
+            if self._cursors[g]:
+                grain.experimental.set_next_index(it, self._cursors[g])
+            self._iters[g] = it
+        return self._iters[g]
+
+    def _draw(self, g: int):
+        index = self._cursors[g]
+        element = next(self._stream(g))
+        self._cursors[g] += 1
+        return index, element
+
+    def __next__(self) -> dict[str, Any]:
+        before = copy.deepcopy((self._counter.skipped, self._counter.noted))
+        rng = np.random.default_rng([self._ds.seed, self._ds.process_index, self._worker, self._num_packs])
+        result = self._assembler.next_pack(self._draw, NumpyPackRandom(rng))
+        self._num_packs += 1
+        usage = result.pack.usage()
+        bucket = bucket_for([b.vae_image_size for b in self._ds.budgets], usage.max_h, usage.max_w)
+        arrays = to_packed_batch(result.pack, self._ds.budgets[bucket])
+        stats = collections.Counter(result.stats)
+        stats["packs"] = 1
+        stats["pad_tokens"] = self._ds.budgets[bucket].seq_len - result.pack.num_tokens
+        for prefix, now, old in (("skipped", self._counter.skipped, before[0]), ("noted", self._counter.noted, before[1])):
+            for k, v in (now - old).items():
+                stats[f"{prefix}/{k}"] = v
+        return {"arrays": arrays, "bucket": bucket, "stats": dict(stats)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"num_packs": self._num_packs, "cursors": list(self._cursors),
+                "buffer": self._assembler.buffer_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._num_packs = int(state["num_packs"])
+        self._cursors = [int(c) for c in state["cursors"]]
+        for it in self._iters:
+            if it is not None:
+                it.close()
+        self._iters = [None] * len(self._sources)
+        self._assembler.restore_buffer(state["buffer"], lambda g, i: self._sources[g][i])
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class BatchIterDataset(grain.IterDataset):
+    """Stacks ``batch_size`` packs; all are padded into the smallest bucket holding every one."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Sequence[tuple[int, int]], vae_stride: int):
+        super().__init__(parent)
+        self.batch_size, self.buckets, self.vae_stride = batch_size, list(buckets), vae_stride
+
+    def __iter__(self):
+        return _BatchIterator(self._parent.__iter__(), self)
+
+
+class _BatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, ds: BatchIterDataset):
+        super().__init__(parent)
+        self._ds = ds
+
+    def __next__(self) -> dict[str, Any]:
+        packs = [next(self._parent) for _ in range(self._ds.batch_size)]
+        hw = [self._ds.buckets[p["bucket"]] for p in packs]
+        bucket = bucket_for(self._ds.buckets, max(h for h, _ in hw), max(w for _, w in hw))
+        arrays = [rebucket(p["arrays"], self._ds.buckets[bucket], self._ds.vae_stride) for p in packs]
+        stats: collections.Counter = collections.Counter()
+        for p in packs:
+            stats.update(p["stats"])
+        stats["buffer_size"] = packs[-1]["stats"].get("buffer_size", 0)
+        return {"arrays": {k: np.stack([a[k] for a in arrays]) for k in arrays[0]},
+                "bucket": bucket, "stats": dict(stats)}
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+# ----------------------------------------------------------------------------- trainer-facing
+
+
+_LAST_VALUE_STATS = ("buffer_size",)
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Yields the global batch as a dict of ``jax.Array`` (``sharding`` on the batch axis) or, with
+    ``sharding=None``, of local numpy arrays. :meth:`metrics` gives running counts."""
+
+    def __init__(self, parent: grain.DatasetIterator, *, sharding=None, buckets: Sequence[tuple[int, int]],
+                 vae_stride: int, process_count: int, startup_metrics: dict[str, int]):
+        super().__init__(parent)
+        self._sharding, self._buckets, self._vae_stride = sharding, list(buckets), vae_stride
+        self._process_count = process_count
+        self._totals: collections.Counter = collections.Counter(startup_metrics)
+        self._last: dict[str, float] = {}
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._parent)
+        bucket = batch["bucket"]
+        if self._process_count > 1:  # every process must hand over the same shapes
+            from jax.experimental import multihost_utils
+            bucket = int(np.max(multihost_utils.process_allgather(np.asarray([bucket], np.int32))))
+        arrays = rebucket(batch["arrays"], self._buckets[bucket], self._vae_stride)
+        for k, v in batch["stats"].items():
+            if k in _LAST_VALUE_STATS:
+                self._last[k] = v
+            else:
+                self._totals[k] += v
+        self._last["bucket"] = bucket
+        n = arrays["kind"].size
+        self._last["pad_fraction"] = float((arrays["kind"] == pb.PAD).sum()) / n
+        if self._sharding is None:
+            return arrays
+        import jax
+        return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in arrays.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """``data/<name>``: cumulative counts (packs, samples, tokens, pad_tokens, over_sample_budget,
+        mandatory_deferred, skipped/<reason>, noted/<reason>) and the last batch's buffer_size,
+        bucket and pad_fraction (per process)."""
+        out = {f"data/{k}": float(v) for k, v in sorted(self._totals.items())}
+        out.update({f"data/{k}": float(v) for k, v in self._last.items()})
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        return {"pipeline": self._parent.get_state(), "totals": dict(self._totals)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["pipeline"])
+        self._totals = collections.Counter(state["totals"])
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSources:
+    datasets: list
+    choices: list
+    startup_metrics: dict
+
+
+def build_group_datasets(data, tokenizer: Tokenizer, *, seed: int, process_index: int, process_count: int,
+                         max_bucket: tuple[int, int] | None) -> GroupSources:
+    """Per used group: the shuffled, sharded, decoded, infinite ``MapDataset``. Missing paths
+    raise FileNotFoundError here, at start-up."""
+    counter = SkipCounter(fail_fast=data.fail_fast)
+    datasets, choices = [], []
+    for i, g in enumerate(groups_from_config(data.groups)):
+        rows = ParquetRows(g.paths, counter, cache_size=data.row_group_cache_size)
+        if len(rows) == 0:
+            raise ValueError(f"config.data.groups.{g.name}: no readable rows in {list(g.paths)}")
+        decoder = RowDecoder(tokenizer, g.vae.build(max_bucket), g.vit.build(), data.fail_fast, data.max_image_pixels)
+        ds = grain.MapDataset.source(rows).shuffle(seed=_seed32(seed, i)).repeat(None)
+        ds = ds[process_index::process_count].map(decoder)
+        datasets.append(ds)
+        choices.append(GroupChoice(g.name, g.is_mandatory, g.weight))
+    return GroupSources(datasets, choices, counter.metrics())
+
+
+def make_train_iterator(data, model=None, tokenizer: Tokenizer | None = None, *, seed: int,
+                        batch_size: int, process_index: int | None = None, process_count: int | None = None,
+                        sharding=None) -> tuple[TrainIterator, tuple[pb.PackBudgets, ...]]:
+    """Build the training iterator.
+
+    Args:
+      data: ``config.data`` (see :func:`irg_jax.data.config.default_data_config`).
+      model: the model config; only used for consistency checks (may be None).
+      tokenizer: the text tokenizer; None loads ``data.tokenizer_path``.
+      seed: data seed (shuffle, group choice, CFG dropout, timesteps). Same on every process.
+      batch_size: *global* number of packs per step; each process produces
+        ``batch_size // process_count`` of them.
+      process_index / process_count: this host's shard (default: ``jax.process_index()`` /
+        ``jax.process_count()``).
+      sharding: a ``jax.sharding.Sharding`` for the leading (batch) axis of every field, e.g.
+        ``NamedSharding(mesh, P(("data", "fsdp")))``. With it each batch is a dict of global
+        ``jax.Array`` built by ``jax.make_array_from_process_local_data``; without it, a dict of
+        local numpy arrays.
+
+    Returns:
+      ``(iterator, budgets)``. ``next(iterator)`` is one batch with the fields of
+      ``packed_batch.array_specs(budgets[k])`` and a leading batch axis, where ``k`` is the
+      image bucket of that batch (``budgets`` is sorted by bucket area; a step function
+      compiles once per bucket it sees). ``iterator.metrics()`` returns the skip/overflow
+      counters; ``iterator.get_state()`` / ``set_state()`` (or Orbax with
+      ``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)``) resume
+      exactly: the restored iterator yields the same next batch.
+    """
+    check_data_config(data, model)
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} does not divide over {process_count} processes")
+    if tokenizer is None:
+        if not data.tokenizer_path:
+            raise ValueError("config.data.tokenizer_path is empty and no tokenizer was given")
+        tokenizer = load_tokenizer(data.tokenizer_path)
+    budgets = budgets_from_config(data)
+    buckets = [b.vae_image_size for b in budgets]
+    sources = build_group_datasets(data, tokenizer, seed=seed, process_index=process_index,
+                                   process_count=process_count, max_bucket=buckets[-1])
+    ds: grain.IterDataset = PackIterDataset(
+        sources.datasets, sources.choices, policy_from_config(data), rules_from_config(data, tokenizer), budgets,
+        seed=seed, process_index=process_index, read_threads=data.read_threads, fail_fast=data.fail_fast)
+    if data.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers,
+                                                          per_worker_buffer_size=data.worker_buffer_size))
+    ds = BatchIterDataset(ds, batch_size // process_count, buckets, vae_stride(data))
+    if data.prefetch_batches > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data.prefetch_batches)
+    iterator = TrainIterator(ds.__iter__(), sharding=sharding, buckets=buckets, vae_stride=vae_stride(data),
+                             process_count=process_count, startup_metrics=sources.startup_metrics)
+    return iterator, budgets

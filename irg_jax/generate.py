@@ -1,0 +1,126 @@
+"""IRG generation: ``python -m irg_jax.generate --checkpoint DIR (--prompt TEXT | --prompts FILE) --out DIR``.
+
+DIR is an export directory (``DIR/params``, ``DIR/model_config.json``, ``DIR/tokenizer/``,
+``DIR/ae.safetensors`` for a FLUX autoencoder). For prompt ``i`` it writes
+
+    <out>/<i>/turn1.png, turn1.txt       think 1 and image 1
+    <out>/<i>/turn2.png, turn2.txt       the reflection and the refined image (one per round)
+    <out>/<i>/result.json                prompt, texts, seed, row id and every sampling setting
+
+``--prompts FILE``: one prompt per line, or JSON lines with a ``prompt`` field. All
+defaults are IRG's (spec §6.6); the whole loop of a batch is one compiled program.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+
+from irg_jax.inference.irg_loop import InferenceConfig, TurnGuidance
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    d = InferenceConfig()
+    p.add_argument("--checkpoint", required=True, help="export directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir/file (default: DIR/tokenizer)")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image_size", type=int, nargs="+", default=None,
+                   help="H [W] in pixels (default: 1024, or the largest the model's latent table allows)")
+    p.add_argument("--num_steps", type=int, default=d.num_steps)
+    p.add_argument("--timestep_shift", type=float, default=d.timestep_shift)
+    p.add_argument("--max_think_tokens", type=int, default=d.max_think_tokens)
+    p.add_argument("--max_prompt_tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="<= 0: greedy")
+    p.add_argument("--top_k", type=int, default=d.top_k)
+    p.add_argument("--top_p", type=float, default=d.top_p)
+    p.add_argument("--cfg_text", type=float, default=d.turn1.text_scale, help="turn 1 text scale")
+    p.add_argument("--cfg_interval", type=float, nargs=2, default=d.turn1.interval, help="turn 1 CFG interval")
+    p.add_argument("--cfg_renorm", default=d.turn1.renorm, help="turn 1 renorm type")
+    p.add_argument("--refine_cfg_text", type=float, default=d.refine.text_scale)
+    p.add_argument("--refine_cfg_img", type=float, default=d.refine.img_scale)
+    p.add_argument("--refine_cfg_interval", type=float, nargs=2, default=d.refine.interval)
+    p.add_argument("--refine_cfg_renorm", default=d.refine.renorm)
+    p.add_argument("--cfg_renorm_min", type=float, default=d.renorm_min)
+    p.add_argument("--num_refinements", type=int, default=d.num_refinements)
+    p.add_argument("--system_prompt", default=None, help="text or @FILE (default: IRG's, paraphrased)")
+    p.add_argument("--vit_max_size", type=int, default=None, help="ViT copy of a fed-back image (default 980)")
+    p.add_argument("--vit_min_size", type=int, default=None, help="(default 224; both capped at the ViT table)")
+
+
+def inference_config(args, model_cfg) -> InferenceConfig:
+    from irg_jax.inference.runner import default_image_size
+    size = args.image_size or [default_image_size(model_cfg)]
+    if len(size) not in (1, 2):
+        raise SystemExit(f"--image_size takes H or H W, got {size}")
+    system = InferenceConfig.system_prompt
+    if args.system_prompt:
+        system = (pathlib.Path(args.system_prompt[1:]).read_text(encoding="utf-8")
+                  if args.system_prompt.startswith("@") else args.system_prompt)
+    return InferenceConfig(
+        image_size=(size[0], size[-1]), num_steps=args.num_steps, timestep_shift=args.timestep_shift,
+        max_think_tokens=args.max_think_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        turn1=TurnGuidance(args.cfg_text, 1.0, tuple(args.cfg_interval), args.cfg_renorm),
+        refine=TurnGuidance(args.refine_cfg_text, args.refine_cfg_img, tuple(args.refine_cfg_interval),
+                            args.refine_cfg_renorm),
+        renorm_min=args.cfg_renorm_min, num_refinements=args.num_refinements, system_prompt=system,
+        vit_max_size=args.vit_max_size, vit_min_size=args.vit_min_size)
+
+
+def build_runner(args):
+    from irg_jax.inference import runner
+    from irg_jax.train.export import load_model_config
+    config = inference_config(args, load_model_config(args.checkpoint))
+    return runner.from_checkpoint(args.checkpoint, config, args.batch_size, args.tokenizer)
+
+
+def settings_record(runner, seed: int) -> dict:
+    return {"seed": seed, "batch_size": runner.batch_size, **dataclasses.asdict(runner.config)}
+
+
+def write_turns(folder: pathlib.Path, result, prefix: str = "turn", suffix: str = "") -> None:
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, turn in enumerate(result.turns, 1):
+        Image.fromarray(turn.image).save(folder / f"{prefix}{k}{suffix}.png")
+        (folder / f"{prefix}{k}{suffix}.txt").write_text(turn.text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m irg_jax.generate", description=__doc__.split("\n")[0])
+    add_sampling_flags(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="file: one prompt per line, or JSON lines with a 'prompt' field")
+    p.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args(argv)
+
+    from irg_jax.inference.runner import read_prompts
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    if not prompts:
+        raise SystemExit(f"{args.prompts}: no prompts")
+    runner = build_runner(args)
+    out = pathlib.Path(args.out)
+    settings = settings_record(runner, args.seed)
+    done = 0
+    for batch in runner.run(prompts, args.seed):
+        for result in batch:
+            folder = out / str(result.row_id)
+            write_turns(folder, result)
+            record = {"index": result.row_id, "prompt": result.prompt,
+                      "turns": [{"text": t.text, "num_tokens": t.num_tokens, "ended_with_eos": t.ended,
+                                 "image": f"turn{k}.png"} for k, t in enumerate(result.turns, 1)],
+                      "settings": settings}
+            (folder / "result.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+            done += 1
+    print(f"wrote {done} results to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(".cache/jax"))
+    sys.exit(main())

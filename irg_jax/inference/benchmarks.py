@@ -1,0 +1,168 @@
+"""Benchmark runners: run the IRG loop on a benchmark's prompts and write its scorer's layout.
+
+    python -m irg_jax.inference.benchmarks geneval --data evaluation_metadata_long.jsonl --out DIR \\
+        --checkpoint EXPORT [sampling flags of irg_jax.generate]
+    python -m irg_jax.inference.benchmarks wise --data final_data.json --out DIR --checkpoint EXPORT
+    python -m irg_jax.inference.benchmarks tiif --data TIIF_DIR_OR_JSONL --out DIR --checkpoint EXPORT
+
+Layouts (see irg_jax/inference/README.md for running the official scorers):
+
+  geneval  <out>/<idx:05>/metadata.jsonl (the prompt's metadata line), <out>/<idx:05>/samples/<k:05>.png
+           (``--samples`` images per prompt, default 4: the final turn unless ``--turn``), and
+           <out>/<idx:05>/irg/<k:05>_turn<t>.png/.txt with every turn
+  wise     <out>/<prompt_id>.png (final turn), <out>/<prompt_id>.txt (the thinks), and
+           <out>/irg/<prompt_id>_turn<t>.png
+  tiif     <out>/<type>/<model>/{short,long}_description/turn<t>_<line>.png and .txt
+           (IRG's tiif_multi_turn_gen.py layout; <line> is the 0-based line of the item in its file)
+
+Row ids (the per-row random stream) are the prompt index times the number of samples
+plus the sample index, so a rerun with the same seed reproduces every image.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Callable, Iterator
+
+from irg_jax import generate
+
+Writer = Callable[[object], None]  # PromptResult -> files
+
+
+@dataclasses.dataclass
+class Job:
+    prompt: str
+    row_id: int
+    write: Writer
+
+
+def _save_png(image, path: pathlib.Path) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def _pick(result, turn: int):
+    return result.turns[-1] if turn <= 0 else result.turns[turn - 1]
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON: {e}") from None
+    return rows
+
+
+def _need(record: dict, key: str, where: str):
+    if key not in record:
+        raise ValueError(f"{where}: missing field {key!r} (has {sorted(record)})")
+    return record[key]
+
+
+def geneval_jobs(data: pathlib.Path, out: pathlib.Path, samples: int, turn: int, settings: dict) -> Iterator[Job]:
+    for idx, meta in enumerate(_read_jsonl(data)):
+        prompt = _need(meta, "prompt", f"{data} line {idx + 1}")
+        folder = out / f"{idx:05d}"
+        (folder / "irg").mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False) + "\n", encoding="utf-8")
+        # the scorer lists <out>/*/ as prompt folders: settings go inside each one
+        (folder / "irg" / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+        for k in range(samples):
+            def write(result, folder=folder, k=k):
+                _save_png(_pick(result, turn).image, folder / "samples" / f"{k:05d}.png")
+                for t, tr in enumerate(result.turns, 1):
+                    _save_png(tr.image, folder / "irg" / f"{k:05d}_turn{t}.png")
+                    (folder / "irg" / f"{k:05d}_turn{t}.txt").write_text(tr.text, encoding="utf-8")
+            yield Job(prompt, idx * samples + k, write)
+
+
+def wise_jobs(data: pathlib.Path, out: pathlib.Path, turn: int) -> Iterator[Job]:
+    items = json.loads(data.read_text(encoding="utf-8"))
+    if not isinstance(items, list):
+        raise ValueError(f"{data}: expected a JSON list of WISE items")
+    for n, item in enumerate(items):
+        where = f"{data} item {n}"
+        pid, prompt = _need(item, "prompt_id", where), _need(item, "Prompt", where)
+
+        def write(result, pid=pid):
+            _save_png(_pick(result, turn).image, out / f"{pid}.png")
+            thinks = [f"[turn {t}]\n{tr.text}" for t, tr in enumerate(result.turns, 1)]
+            (out / f"{pid}.txt").write_text("\n\n".join(thinks), encoding="utf-8")
+            for t, tr in enumerate(result.turns, 1):
+                _save_png(tr.image, out / "irg" / f"{pid}_turn{t}.png")
+        yield Job(prompt, n, write)
+
+
+def tiif_jobs(data: pathlib.Path, out: pathlib.Path, model_name: str) -> Iterator[Job]:
+    files = sorted(data.glob("*.jsonl")) if data.is_dir() else [data]
+    if not files:
+        raise FileNotFoundError(f"{data}: no *.jsonl files")
+    row = 0
+    for f in files:
+        for line, item in enumerate(_read_jsonl(f)):
+            where = f"{f} line {line + 1}"
+            kind = _need(item, "type", where)
+            for field in ("short_description", "long_description"):
+                folder = out / str(kind) / model_name / field
+
+                def write(result, folder=folder, line=line):
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for t, tr in enumerate(result.turns, 1):
+                        _save_png(tr.image, folder / f"turn{t}_{line}.png")
+                        (folder / f"turn{t}_{line}.txt").write_text(tr.text, encoding="utf-8")
+                yield Job(str(_need(item, field, where)), row, write)
+                row += 1
+
+
+def run_jobs(runner, jobs: list[Job], seed: int) -> int:
+    from tqdm import tqdm
+    with tqdm(total=len(jobs), desc="prompts", unit="prompt") as bar:
+        for s in range(0, len(jobs), runner.batch_size):
+            chunk = jobs[s:s + runner.batch_size]
+            for job, result in zip(chunk, runner.run_batch([j.prompt for j in chunk], [j.row_id for j in chunk],
+                                                           seed)):
+                job.write(result)
+            bar.update(len(chunk))
+    return len(jobs)
+
+
+def run_benchmark(runner, benchmark: str, data: pathlib.Path, out: pathlib.Path, *, seed: int, settings: dict,
+                  samples: int = 4, turn: int = 0, model_name: str = "IRG-JAX") -> int:
+    """Write ``benchmark``'s layout for every prompt of ``data``; returns the number of generations."""
+    out.mkdir(parents=True, exist_ok=True)
+    if benchmark == "geneval":
+        jobs = list(geneval_jobs(data, out, samples, turn, settings))
+    else:
+        jobs = list(wise_jobs(data, out, turn) if benchmark == "wise" else tiif_jobs(data, out, model_name))
+        (out / "irg_settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    return run_jobs(runner, jobs, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m irg_jax.inference.benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("benchmark", choices=("geneval", "wise", "tiif"))
+    p.add_argument("--data", required=True, help="GenEval metadata jsonl, WISE final_data.json, TIIF jsonl or dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples", type=int, default=4, help="geneval: images per prompt")
+    p.add_argument("--turn", type=int, default=0, help="geneval/wise: turn whose image is scored (0 = last)")
+    p.add_argument("--model_name", default="IRG-JAX", help="tiif: folder name under <type>/")
+    generate.add_sampling_flags(p)
+    args = p.parse_args(argv)
+    data, out = pathlib.Path(args.data), pathlib.Path(args.out)
+    runner = generate.build_runner(args)
+    settings = generate.settings_record(runner, args.seed)
+    n = run_benchmark(runner, args.benchmark, data, out, seed=args.seed, settings=settings, samples=args.samples,
+                      turn=args.turn, model_name=args.model_name)
+    print(f"{args.benchmark}: wrote {n} generations to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The IRG loop as one compiled program per bucket (spec §6.5, defaults §6.6).
+
+For a batch of prompts (one cache row each):
+
+    cond <- [SYS]                        turn-1 text-uncond context = this prefix
+    cond <- [SYS, P];  T1 sampled into cond (canonical [bos] T1 [eos])
+    I1 = flow(cond, text-uncond [SYS]; cfg_text 4, interval (0.4, 1], global renorm)
+    for each refinement round r = 1 .. R (IRG: R = 1):
+        cond <- I_r as clean VAE image (t = 0) and as ViT image   (decoded, re-encoded)
+        text-uncond = cond now (everything but the coming reflection)
+        T_{r+1} sampled into cond
+        img-uncond = cond before I_r, plus [bos] T_{r+1} [eos]   (no image I_r)
+        I_{r+1} = flow(cond, text-uncond, img-uncond; cfg_text 4, cfg_img 2, interval (0, 1],
+                       text_channel renorm)
+
+Text-unconditional contexts are prefixes of the conditional cache, so they are the same
+arrays with a shorter length (no copy until the branches are stacked for the sampler).
+The three branches are stacked along the batch and evaluated in one forward per step.
+
+Static (part of the compiled bucket): batch size, prompt width, image size, num_steps,
+max_think_tokens, top_k/top_p, renorm types, number of rounds. Traced: temperature,
+timestep shift, CFG scales and intervals, renorm_min. There is no host round trip per
+token or per denoising step: the whole loop is one ``jax.jit`` call.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from irg_jax.data.trajectories import SYSTEM_PROMPT_FULL
+from irg_jax.inference import feedback, flow
+from irg_jax.inference.sampling import Generated, TextSampling, generate_segment
+from irg_jax.model import kv_cache
+from irg_jax.model.config import latent_token_dim
+from irg_jax.model.kv_cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnGuidance:
+    text_scale: float
+    img_scale: float
+    interval: tuple[float, float]
+    renorm: str  # 'global' | 'channel' | 'text_channel'
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """IRG's TIIF two-turn settings (spec §6.6) unless overridden."""
+
+    image_size: tuple[int, int] = (1024, 1024)   # (H, W)
+    num_steps: int = 50
+    timestep_shift: float = 3.0
+    max_think_tokens: int = 4096                 # decode steps incl. the start token (BAGEL's max_length)
+    max_prompt_tokens: int = 256                 # prompt width of the bucket (longer prompts are an error)
+    temperature: float = 0.3                     # <= 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    turn1: TurnGuidance = TurnGuidance(4.0, 1.0, (0.4, 1.0), "global")
+    refine: TurnGuidance = TurnGuidance(4.0, 2.0, (0.0, 1.0), "text_channel")
+    renorm_min: float = 0.0
+    num_refinements: int = 1
+    system_prompt: str = SYSTEM_PROMPT_FULL
+    vit_max_size: int | None = None              # ViT copy: IRG's 980 / 224, capped at the model's table
+    vit_min_size: int | None = None
+
+    def __post_init__(self):
+        for name, turn in (("turn1", self.turn1), ("refine", self.refine)):
+            if turn.renorm not in flow.RENORM_TYPES:
+                raise ValueError(f"InferenceConfig.{name}.renorm={turn.renorm!r}: expected one of {flow.RENORM_TYPES}")
+        if self.num_refinements < 0:
+            raise ValueError(f"num_refinements must be >= 0, got {self.num_refinements}")
+
+    def static(self) -> "StaticSettings":
+        return StaticSettings(tuple(self.image_size), self.num_steps, self.max_think_tokens, self.top_k,
+                              float(self.top_p), self.turn1.renorm, self.refine.renorm, self.num_refinements,
+                              self.vit_max_size, self.vit_min_size)
+
+    def dynamic(self) -> "DynamicSettings":
+        return DynamicSettings(
+            temperature=jnp.float32(self.temperature), timestep_shift=jnp.float32(self.timestep_shift),
+            turn1=flow.Guidance.make(self.turn1.text_scale, self.turn1.img_scale, self.turn1.interval,
+                                     self.renorm_min),
+            refine=flow.Guidance.make(self.refine.text_scale, self.refine.img_scale, self.refine.interval,
+                                      self.renorm_min))
+
+
+class StaticSettings(NamedTuple):
+    image_size: tuple[int, int]
+    num_steps: int
+    max_think_tokens: int
+    top_k: int
+    top_p: float
+    turn1_renorm: str
+    refine_renorm: str
+    num_refinements: int
+    vit_max_size: int | None
+    vit_min_size: int | None
+
+
+class DynamicSettings(NamedTuple):
+    temperature: jax.Array
+    timestep_shift: jax.Array
+    turn1: flow.Guidance
+    refine: flow.Guidance
+
+
+class Turn(NamedTuple):
+    think: Generated     # ids [B, max_think_tokens - 1], length [B], ended [B]
+    image: jax.Array     # uint8 [B, H, W, 3]
+    latents: jax.Array   # float32 [B, N, D_lat] sampled latent tokens
+
+
+# ------------------------------------------------------------------------------ pieces
+
+def cache_capacity(model_cfg, static: StaticSettings, sys_width: int, prompt_width: int) -> int:
+    grid = feedback.image_grid(model_cfg, *static.image_size, static.vit_max_size, static.vit_min_size)
+    think = static.max_think_tokens + 1  # [bos] up to max-1 ids [eos]
+    per_round = grid.num_latent_tokens + 2 + (grid.num_vit_tokens + 2 if model_cfg.vit.enabled else 0) + think
+    return sys_width + prompt_width + think + static.num_refinements * per_round
+
+
+def prefix_view(cache: KVCache, length: jax.Array, rope: jax.Array) -> KVCache:
+    """The same cache read as its first ``length`` slots (an earlier context; no copy)."""
+    return KVCache(cache.keys, cache.values, length, rope)
+
+
+def stack_branches(caches: list[KVCache]) -> KVCache:
+    """Concatenate caches along the batch (branch-major), for one forward over all branches."""
+    if len(caches) == 1:
+        return caches[0]
+    return KVCache(*(jnp.concatenate(parts, axis=ax) for parts, ax in
+                     zip(zip(*caches), (1, 1, 0, 0))))
+
+
+def canonical_segment(gen: Generated, bos: int, eos: int) -> tuple[jax.Array, jax.Array]:
+    """[bos] ids [eos] right-padded: (ids [B, max+1], num_valid [B])."""
+    b, width = gen.ids.shape
+    col = jnp.arange(width + 2)[None]
+    body = jnp.pad(gen.ids, ((0, 0), (1, 1)))
+    seg = jnp.where(col == 0, bos, jnp.where(col == gen.length[:, None] + 1, eos, body))
+    seg = jnp.where(col <= gen.length[:, None] + 1, seg, 0)
+    return seg.astype(jnp.int32), gen.length + 2
+
+
+def generate_latents(model, branches: list[KVCache], noise: jax.Array, pos_ids: jax.Array, *, num_steps: int,
+                     shift, guidance: flow.Guidance, renorm_type: str, record: bool = False):
+    """Sample latent tokens [B, N, D_lat] against 1-3 contexts [cond, text-uncond, img-uncond]."""
+    stacked = stack_branches(branches)
+    k = len(branches)
+    pos_all = jnp.concatenate([pos_ids] * k, axis=0)
+
+    def velocity_all(x, t):
+        return kv_cache.query_noisy_latents(model, stacked, x, t, pos_all)
+
+    def velocity_cond(x, t):
+        return kv_cache.query_noisy_latents(model, branches[0], x, t, pos_ids)
+
+    return flow.sample(noise, num_steps=num_steps, shift=shift, num_branches=k, velocity_all=velocity_all,
+                       velocity_cond=velocity_cond, guidance=guidance, renorm_type=renorm_type, record=record)
+
+
+def _row_keys(keys: jax.Array, purpose: int) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, purpose))(keys)
+
+
+def _row_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: jax.Array, sys_len: jax.Array,
+             prompt_ids: jax.Array, prompt_len: jax.Array, row_keys: jax.Array) -> list[Turn]:
+    """Run think -> image -> (feedback -> reflection -> image) x R for a batch; returns R + 1 turns.
+
+    ``sys_ids`` / ``prompt_ids`` [B, width] hold full ``[bos] ids [eos]`` segments,
+    right-padded, with lengths ``sys_len`` / ``prompt_len``; ``row_keys`` [B] PRNG keys.
+    """
+    cfg = model.cfg
+    b = sys_ids.shape[0]
+    grid = feedback.image_grid(cfg, *static.image_size, static.vit_max_size, static.vit_min_size)
+    d_lat = latent_token_dim(cfg)
+    lat_pos = jnp.broadcast_to(jnp.asarray(grid.latent_pos), (b, grid.num_latent_tokens))
+    vit_pos = jnp.broadcast_to(jnp.asarray(grid.vit_pos), (b, grid.num_vit_tokens))
+    latent_hw = (grid.height // cfg.autoencoder.downsample, grid.width // cfg.autoencoder.downsample)
+    text = TextSampling(dyn.temperature, static.top_k, static.top_p)
+    capacity = cache_capacity(cfg, static, sys_ids.shape[1], prompt_ids.shape[1])
+
+    cond = kv_cache.init_cache(cfg, b, capacity)
+    cond, _ = kv_cache.append_text(model, cond, sys_ids, sys_len)
+    text_uncond = prefix_view(cond, cond.length, cond.rope)
+    cond, _ = kv_cache.append_text(model, cond, prompt_ids, prompt_len)
+    cond, think = generate_segment(model, cond, _row_keys(row_keys, 0), max_tokens=static.max_think_tokens,
+                                   settings=text)
+    text_uncond = prefix_view(cond, text_uncond.length, text_uncond.rope)
+    noise = _row_normal(_row_keys(row_keys, 1), (grid.num_latent_tokens, d_lat))
+    guidance, renorm = dyn.turn1, static.turn1_renorm
+    latents = generate_latents(model, [cond, text_uncond], noise, lat_pos, num_steps=static.num_steps,
+                               shift=dyn.timestep_shift, guidance=guidance, renorm_type=renorm)
+    image = feedback.to_uint8(feedback.decode_latents(ae, latents, grid, cfg))
+    turns = [Turn(think, image, latents)]
+
+    for r in range(1, static.num_refinements + 1):
+        before_image = cond
+        eps = _row_normal(_row_keys(row_keys, 10 * r + 2), latent_hw + (cfg.autoencoder.z_channels,))
+        cond = kv_cache.append_vae_image(model, cond, feedback.vae_tokens(ae, image, eps, cfg), lat_pos)
+        if cfg.vit.enabled:
+            cond = kv_cache.append_vit_image(model, cond, feedback.vit_patches(image, grid, cfg.vit.patch_size),
+                                             vit_pos)
+        text_uncond = prefix_view(cond, cond.length, cond.rope)
+        cond, think = generate_segment(model, cond, _row_keys(row_keys, 10 * r), max_tokens=static.max_think_tokens,
+                                       settings=text)
+        text_uncond = prefix_view(cond, text_uncond.length, text_uncond.rope)
+        seg, seg_len = canonical_segment(think, cfg.special_ids.bos, cfg.special_ids.eos)
+        img_uncond, _ = kv_cache.append_text(model, before_image, seg, seg_len)
+        noise = _row_normal(_row_keys(row_keys, 10 * r + 1), (grid.num_latent_tokens, d_lat))
+        latents = generate_latents(model, [cond, text_uncond, img_uncond], noise, lat_pos,
+                                   num_steps=static.num_steps, shift=dyn.timestep_shift, guidance=dyn.refine,
+                                   renorm_type=static.refine_renorm)
+        image = feedback.to_uint8(feedback.decode_latents(ae, latents, grid, cfg))
+        turns.append(Turn(think, image, latents))
+    return turns
+
+
+# ------------------------------------------------------------------------------ compiled entry point
+
+class IRGProgram:
+    """``irg_loop`` compiled once per bucket for a fixed model and autoencoder.
+
+    ``__call__(static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys)`` returns the
+    list of :class:`Turn` (device arrays). ``num_traces`` counts compilations (one per
+    distinct bucket: batch size, widths and static settings).
+    """
+
+    def __init__(self, model, ae):
+        self.model_graph, self.model_state = nnx.split(model)
+        self.ae_graph, self.ae_state = nnx.split(ae)
+        self.num_traces = 0
+        self._jitted = jax.jit(self._run, static_argnums=(0,))
+
+    def _run(self, static: StaticSettings, model_state, ae_state, dyn, sys_ids, sys_len, prompt_ids, prompt_len,
+             row_keys):
+        self.num_traces += 1  # runs at trace time only
+        model = nnx.merge(self.model_graph, model_state)
+        ae = nnx.merge(self.ae_graph, ae_state)
+        return irg_loop(model, ae, static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys)
+
+    def __call__(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len,
+                 row_keys) -> list[Turn]:
+        return self._jitted(static, self.model_state, self.ae_state, dyn, sys_ids, sys_len, prompt_ids, prompt_len,
+                            row_keys)
+
+    def lower(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len, row_keys):
+        """Trace and lower without running (``.compile()`` the result to build the executable)."""
+        return self._jitted.lower(static, self.model_state, self.ae_state, dyn, sys_ids, sys_len, prompt_ids,
+                                  prompt_len, row_keys)
+
+
+def encode_segments(tokenizer, texts: list[str], width: int, what: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise texts as right-padded ``[bos] ids [eos]`` rows of ``width`` (host side)."""
+    ids = np.zeros((len(texts), width), np.int32)
+    lens = np.zeros((len(texts),), np.int32)
+    for i, text in enumerate(texts):
+        seg = [tokenizer.bos_id] + list(tokenizer.encode(text)) + [tokenizer.eos_id]
+        if len(seg) > width:
+            raise ValueError(f"{what} {i} has {len(seg) - 2} tokens; the bucket allows {width - 2} "
+                             f"(raise max_prompt_tokens): {text[:80]!r}")
+        ids[i, :len(seg)] = seg
+        lens[i] = len(seg)
+    return ids, lens
+
+
+def row_keys_for(seed: int, indices: list[int]) -> jax.Array:
+    """Per-row PRNG keys: fold_in(key(seed), global index) — independent of batch composition."""
+    base = jax.random.key(seed)
+    return jnp.stack([jax.random.fold_in(base, int(i)) for i in indices])
+
+
+def think_texts(tokenizer, gen: Generated) -> list[str]:
+    ids, lens = np.asarray(gen.ids), np.asarray(gen.length)
+    return [tokenizer.decode(ids[i, :lens[i]].tolist()) for i in range(len(lens))]
+
+
+def as_host(turns: list[Turn]) -> list[dict[str, Any]]:
+    return [jax.tree.map(np.asarray, t._asdict()) for t in turns]

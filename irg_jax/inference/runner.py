@@ -1,0 +1,181 @@
+"""Host side of IRG inference: load an export, tokenise, batch, run the compiled loop, detokenise.
+
+:class:`IRGRunner` pads every batch to ``batch_size`` rows (repeating the last prompt) so
+all batches share one compiled program; each row's randomness is
+``fold_in(key(seed), row_id)``, so a prompt's result does not depend on its batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from irg_jax.convert.autoencoder_file import load_autoencoder_for
+from irg_jax.data.tokenizer import HFTokenizer, Tokenizer, WordTokenizer
+from irg_jax.inference import feedback, irg_loop
+from irg_jax.model.bagel import Bagel
+from irg_jax.train.export import load_model_config, restore_params
+
+
+@dataclasses.dataclass
+class TurnOutput:
+    text: str
+    image: np.ndarray      # uint8 [H, W, 3]
+    num_tokens: int
+    ended: bool            # the think ended with <|im_end|> (False: cut at max_think_tokens)
+
+
+@dataclasses.dataclass
+class PromptResult:
+    prompt: str
+    row_id: int
+    turns: list[TurnOutput]
+
+
+def load_export(directory: str | os.PathLike) -> tuple[Bagel, object]:
+    """(model, autoencoder) from an export directory (``irg_jax.train.export`` layout)."""
+    cfg = load_model_config(directory)
+    abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+    abstract.rebuild_tables()
+    consts = nnx.split(abstract, nnx.Param, ...)[2]
+    # Orbax stores the integer keys of layer lists (unscanned models) as strings
+    wanted = _keys_to_str(nnx.to_pure_dict(abstract_params))
+    params = restore_params(directory, wanted, dtype=jnp.dtype(cfg.dtype))
+    model = nnx.merge(graphdef, _keys_like(params, nnx.to_pure_dict(abstract_params)), consts)
+    return model, load_autoencoder_for(directory, cfg)
+
+
+def _keys_to_str(tree):
+    return {str(k): _keys_to_str(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def _keys_like(tree, like):
+    if not isinstance(like, dict):
+        return tree
+    return {k: _keys_like(tree[str(k)], v) for k, v in like.items()}
+
+
+def load_tokenizer_dir(path: str | os.PathLike) -> Tokenizer:
+    """``tokenizer.json[.gz]`` (Hugging Face) or a word vocabulary json (``{"type": "word", ...}``)."""
+    folder = pathlib.Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: tokenizer path does not exist")
+    if folder.is_file():
+        return WordTokenizer.load(str(folder))
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer.json.gz").exists():
+        return HFTokenizer.from_dir(str(folder))
+    for f in sorted(folder.glob("*.json")):
+        try:
+            return WordTokenizer.load(str(f))
+        except ValueError:
+            continue
+    raise FileNotFoundError(f"{folder}: no tokenizer.json[.gz] and no word-vocabulary json")
+
+
+def check_tokenizer(tokenizer: Tokenizer, model_cfg, origin: str) -> None:
+    ids = model_cfg.special_ids
+    want = dict(bos=ids.bos, eos=ids.eos, start_of_image=ids.start_of_image, end_of_image=ids.end_of_image)
+    got = dict(bos=tokenizer.bos_id, eos=tokenizer.eos_id, start_of_image=tokenizer.start_of_image_id,
+               end_of_image=tokenizer.end_of_image_id)
+    if want != got:
+        raise ValueError(f"{origin}: tokenizer special ids {got} differ from the model config's {want}")
+    if tokenizer.vocab_size > model_cfg.llm.vocab_size:
+        raise ValueError(f"{origin}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                         f"{model_cfg.llm.vocab_size} embedding rows")
+
+
+def default_image_size(model_cfg, cap: int = 1024) -> int:
+    """The largest square the latent position table allows, capped at IRG's 1024."""
+    px = feedback.pixels_per_token(model_cfg)
+    return min(cap, model_cfg.latent.max_latent_size * px) // px * px
+
+
+class IRGRunner:
+    def __init__(self, model: Bagel, ae, tokenizer: Tokenizer, config: irg_loop.InferenceConfig, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.config = config
+        self.batch_size = batch_size
+        self.program = irg_loop.IRGProgram(model, ae)
+        self.static, self.dynamic = config.static(), config.dynamic()
+        feedback.image_grid(self.cfg, *config.image_size, config.vit_max_size, config.vit_min_size)  # validates
+        sys_ids, sys_len = irg_loop.encode_segments(tokenizer, [config.system_prompt],
+                                                    len(tokenizer.encode(config.system_prompt)) + 2, "system prompt")
+        self.sys_ids = np.repeat(sys_ids, batch_size, 0)
+        self.sys_len = np.repeat(sys_len, batch_size, 0)
+
+    def run_batch(self, prompts: Sequence[str], row_ids: Sequence[int], seed: int) -> list[PromptResult]:
+        """At most ``batch_size`` prompts -> one result each (the batch is padded internally)."""
+        n = len(prompts)
+        if not 0 < n <= self.batch_size or len(row_ids) != n:
+            raise ValueError(f"run_batch takes 1..{self.batch_size} prompts with one row id each, got "
+                             f"{n} prompts and {len(row_ids)} ids")
+        pad = self.batch_size - n
+        texts = list(prompts) + [prompts[-1]] * pad
+        ids = list(row_ids) + [row_ids[-1]] * pad
+        p_ids, p_len = irg_loop.encode_segments(self.tokenizer, texts, self.config.max_prompt_tokens + 2)
+        turns = self.program(self.static, self.dynamic, self.sys_ids, self.sys_len, p_ids, p_len,
+                             irg_loop.row_keys_for(seed, ids))
+        turns = jax.device_get(turns)
+        results = []
+        for i in range(n):
+            outs = []
+            for t in turns:
+                k = int(t.think.length[i])
+                outs.append(TurnOutput(self.tokenizer.decode(np.asarray(t.think.ids[i, :k]).tolist()),
+                                       np.asarray(t.image[i]), k, bool(t.think.ended[i])))
+            results.append(PromptResult(prompts[i], int(row_ids[i]), outs))
+        return results
+
+    def run(self, prompts: Sequence[str], seed: int, row_ids: Sequence[int] | None = None,
+            progress: bool = True) -> Iterator[list[PromptResult]]:
+        """Yield one list of results per batch, in prompt order."""
+        row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+        starts = range(0, len(prompts), self.batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="IRG batches", unit="batch")
+        for s in starts:
+            yield self.run_batch(prompts[s:s + self.batch_size], row_ids[s:s + self.batch_size], seed)
+
+
+def from_checkpoint(directory: str | os.PathLike, config: irg_loop.InferenceConfig, batch_size: int,
+                    tokenizer_path: str | os.PathLike | None = None) -> IRGRunner:
+    model, ae = load_export(directory)
+    tok_path = pathlib.Path(tokenizer_path) if tokenizer_path else pathlib.Path(directory) / "tokenizer"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"{tok_path}: the export has no tokenizer; pass --tokenizer PATH")
+    tokenizer = load_tokenizer_dir(tok_path)
+    check_tokenizer(tokenizer, model.cfg, str(tok_path))
+    return IRGRunner(model, ae, tokenizer, config, batch_size)
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line, or JSON lines with a ``prompt`` field (blank lines skipped)."""
+    prompts = []
+    for n, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON: {e}") from None
+            if "prompt" not in record:
+                raise ValueError(f"{path}:{n}: JSON line has no 'prompt' field (keys: {sorted(record)})")
+            prompts.append(str(record["prompt"]))
+        else:
+            prompts.append(line)
+    return prompts
+

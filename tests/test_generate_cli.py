@@ -1,0 +1,96 @@
+"""``python -m irg_jax.generate`` on a tiny random-init export writes every promised file."""
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from irg_jax import generate
+from irg_jax.data.tokenizer import WordTokenizer
+from irg_jax.model import config as model_config
+from irg_jax.model.bagel import Bagel
+from irg_jax.train.export import save_params
+
+
+def _export(tmp_path):
+    tok = WordTokenizer.from_corpus(["a red square left of a blue circle", "<think> plan </think> draw it"])
+    cfg = model_config.tiny()  # 2 layers; a parameter-free autoencoder keeps the export to params only
+    cfg.autoencoder.update(kind="identity", z_channels=3 * 8 ** 2, scale_factor=1.0, shift_factor=0.0)
+    cfg.special_ids = dict(bos=tok.bos_id, eos=tok.eos_id, start_of_image=tok.start_of_image_id,
+                           end_of_image=tok.end_of_image_id)
+    model = Bagel(cfg, rngs=nnx.Rngs(0))
+    model.llm2vae.kernel.set_value(jax.random.normal(jax.random.key(1), model.llm2vae.kernel.shape) * 0.2)
+    vocab = tmp_path / "vocab.json"
+    tok.save(str(vocab))
+    params = nnx.split(model, nnx.Param, ...)[1].to_pure_dict()
+    return save_params(tmp_path / "export", params, cfg, {"source": "test"}, tokenizer_dir=vocab)
+
+
+def test_generate_cli_writes_turns_and_results(tmp_path):
+    export = _export(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red square"}\n\n{"prompt": "a blue circle left of a red square"}\n'
+                       '{"prompt": "draw it"}\n')
+    out = tmp_path / "out"
+    rc = generate.main(["--checkpoint", str(export), "--prompts", str(prompts), "--out", str(out),
+                        "--batch_size", "2", "--seed", "7", "--num_steps", "3", "--max_think_tokens", "6",
+                        "--max_prompt_tokens", "12", "--image_size", "32", "--system_prompt", "plan then draw it",
+                        "--cfg_text", "3.5", "--vit_max_size", "28"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2"]  # 3 prompts, 2 batches (last one padded)
+    for i, prompt in enumerate(["a red square", "a blue circle left of a red square", "draw it"]):
+        folder = out / str(i)
+        for k in (1, 2):
+            img = np.asarray(Image.open(folder / f"turn{k}.png"))
+            assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+            assert (folder / f"turn{k}.txt").exists()
+        record = json.loads((folder / "result.json").read_text())
+        assert record["prompt"] == prompt and record["index"] == i
+        assert [t["image"] for t in record["turns"]] == ["turn1.png", "turn2.png"]
+        s = record["settings"]
+        assert s["seed"] == 7 and s["num_steps"] == 3 and s["turn1"]["text_scale"] == 3.5
+        assert s["refine"]["renorm"] == "text_channel" and s["system_prompt"] == "plan then draw it"
+        assert all(t["num_tokens"] <= 5 for t in record["turns"])
+
+
+class _FakeRunner:
+    """Stands in for IRGRunner: two turns per prompt, image value = row id."""
+    batch_size = 3
+
+    def run_batch(self, prompts, row_ids, seed):
+        from irg_jax.inference.runner import PromptResult, TurnOutput
+        return [PromptResult(p, r, [TurnOutput(f"think {t} of {p}", np.full((16, 16, 3), (r * 2 + t) % 256, np.uint8),
+                                               3, True) for t in (1, 2)]) for p, r in zip(prompts, row_ids)]
+
+
+def test_benchmark_layouts(tmp_path):
+    from irg_jax.inference.benchmarks import run_benchmark
+    runner = _FakeRunner()
+    geneval = tmp_path / "geneval.jsonl"
+    geneval.write_text('{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a cat"}\n'
+                       '{"tag": "two_object", "prompt": "a cat and a dog"}\n')
+    assert run_benchmark(runner, "geneval", geneval, tmp_path / "g", seed=0, settings={}, samples=2) == 4
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["00000", "00001"]
+    meta = json.loads((tmp_path / "g" / "00001" / "metadata.jsonl").read_text())
+    assert meta == {"tag": "two_object", "prompt": "a cat and a dog"}
+    assert sorted(p.name for p in (tmp_path / "g" / "00001" / "samples").iterdir()) == ["00000.png", "00001.png"]
+    assert np.asarray(Image.open(tmp_path / "g" / "00001" / "samples" / "00001.png"))[0, 0, 0] == 3 * 2 + 2  # row 3
+
+    wise = tmp_path / "final_data.json"
+    wise.write_text(json.dumps([{"prompt_id": 17, "Prompt": "ice in the sun", "Category": "physics"},
+                                {"prompt_id": 18, "Prompt": "a bird's home"}]))
+    run_benchmark(runner, "wise", wise, tmp_path / "w", seed=0, settings={}, turn=1)
+    assert (tmp_path / "w" / "17.png").exists() and "think 2 of ice in the sun" in (tmp_path / "w" / "17.txt").read_text()
+    assert np.asarray(Image.open(tmp_path / "w" / "18.png"))[0, 0, 0] == 1 * 2 + 1  # --turn 1
+
+    tiif = tmp_path / "tiif"
+    tiif.mkdir()
+    (tiif / "a.jsonl").write_text('{"type": "color", "short_description": "red", "long_description": "a red box"}\n'
+                                  '{"type": "color", "short_description": "blue", "long_description": "a blue box"}\n')
+    run_benchmark(runner, "tiif", tiif, tmp_path / "t", seed=0, settings={}, model_name="M")
+    folder = tmp_path / "t" / "color" / "M" / "long_description"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(f"turn{t}_{i}.{e}" for i in (0, 1) for t in (1, 2) for e in ("png", "txt"))
+    assert (folder / "turn2_1.txt").read_text() == "think 2 of a blue box"
+    assert (tmp_path / "t" / "color" / "M" / "short_description" / "turn1_0.txt").read_text() == "think 1 of red"
