@@ -46,21 +46,9 @@ def load_export(directory: str | os.PathLike) -> tuple[Bagel, object]:
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
     abstract.rebuild_tables()
     consts = nnx.split(abstract, nnx.Param, ...)[2]
-    # Orbax stores the integer keys of layer lists (unscanned models) as strings
-    wanted = _keys_to_str(nnx.to_pure_dict(abstract_params))
-    params = restore_params(directory, wanted, dtype=jnp.dtype(cfg.dtype))
-    model = nnx.merge(graphdef, _keys_like(params, nnx.to_pure_dict(abstract_params)), consts)
+    params = restore_params(directory, nnx.to_pure_dict(abstract_params), dtype=jnp.dtype(cfg.dtype))
+    model = nnx.merge(graphdef, params, consts)
     return model, load_autoencoder_for(directory, cfg)
-
-
-def _keys_to_str(tree):
-    return {str(k): _keys_to_str(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def _keys_like(tree, like):
-    if not isinstance(like, dict):
-        return tree
-    return {k: _keys_like(tree[str(k)], v) for k, v in like.items()}
 
 
 def load_tokenizer_dir(path: str | os.PathLike) -> Tokenizer:

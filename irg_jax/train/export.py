@@ -57,8 +57,12 @@ def restore_params(directory: str | pathlib.Path, abstract_params: Any, sharding
     path = pathlib.Path(directory).absolute() / "params"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no params checkpoint")
-    if shardings is None:
-        shardings = jax.tree.map(lambda _: None, abstract_params)
+    # Orbax stores dict keys as strings (the integer layer indices of unscanned models included):
+    # match on string keys, hand back the caller's keys.
+    wanted_keys = abstract_params
+    abstract_params = keys_to_str(abstract_params)
+    shardings = (jax.tree.map(lambda _: None, abstract_params) if shardings is None
+                 else keys_to_str(shardings))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) if s is not None
                           else jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params, shardings)
     with ocp.StandardCheckpointer() as ckptr:
@@ -69,7 +73,18 @@ def restore_params(directory: str | pathlib.Path, abstract_params: Any, sharding
         stored_target = jax.tree.map(
             lambda t, m: jax.ShapeDtypeStruct(t.shape, m.dtype, sharding=t.sharding), target, stored)
         params = ckptr.restore(path, stored_target)
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+    return keys_like(jax.tree.map(lambda x: x.astype(dtype), params), wanted_keys)
+
+
+def keys_to_str(tree: Any) -> Any:
+    return {str(k): keys_to_str(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def keys_like(tree: Any, like: Any) -> Any:
+    """``tree`` (string keys) with the keys of ``like`` (e.g. integer layer indices)."""
+    if not isinstance(like, dict):
+        return tree
+    return {k: keys_like(tree[str(k)], v) for k, v in like.items()}
 
 
 def _check_structure(stored: Any, wanted: Any, path: pathlib.Path) -> None:
@@ -85,7 +100,8 @@ def _check_structure(stored: Any, wanted: Any, path: pathlib.Path) -> None:
                          f"  unexpected: {extra[:20]}\n  shape mismatches: {shape[:20]}")
 
 
-def export_for_inference(state, bundle, config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+def export_for_inference(state, bundle, config: ml_collections.ConfigDict, workdir: str,
+                         ae_source: pathlib.Path | None = None) -> pathlib.Path:
     """Write the EMA (or the raw params without EMA) in the model's compute dtype to WORKDIR/export."""
     source = "ema" if state.ema else "params"
     dtype = jnp.dtype(config.model.dtype)
@@ -93,5 +109,7 @@ def export_for_inference(state, bundle, config: ml_collections.ConfigDict, workd
     out = save_params(pathlib.Path(workdir) / "export", params, config.model,
                       {"source": source, "step": int(state.step), "dtype": str(dtype)},
                       tokenizer_dir=config.data.get("tokenizer_path") or None)
+    if ae_source is not None:  # the frozen FLUX autoencoder travels with the export
+        shutil.copy(ae_source, out / pathlib.Path(ae_source).name)
     logging.info("exported %s params (%s) to %s", source, dtype, out)
     return out

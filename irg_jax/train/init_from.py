@@ -7,7 +7,30 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from irg_jax.convert.autoencoder_file import AE_FILE, load_autoencoder_for
 from irg_jax.train import export
+
+
+def autoencoder_file(config: ml_collections.ConfigDict) -> pathlib.Path | None:
+    """Where the frozen FLUX autoencoder's weights come from (None: identity AE or none given).
+
+    A converted checkpoint (or export) holds ``ae.safetensors`` next to its params; a stage-2
+    run started from a stage-1 workdir finds it in that run's export.
+    """
+    if config.model.autoencoder.kind != "flux" or not config.checkpoint.init_from:
+        return None
+    root = pathlib.Path(config.checkpoint.init_from)
+    for folder in (root, root / "export"):
+        if (folder / AE_FILE).is_file():
+            return folder / AE_FILE
+    raise FileNotFoundError(f"checkpoint.init_from={root}: no {AE_FILE} there or in its export/; the FLUX "
+                            "autoencoder cannot be random")
+
+
+def load_autoencoder(config: ml_collections.ConfigDict):
+    """The frozen autoencoder for training: FLUX weights from ``init_from``, or None (built from config)."""
+    path = autoencoder_file(config)
+    return None if path is None else load_autoencoder_for(path.parent, config.model)
 
 
 def load_params(ckpt_cfg: ml_collections.ConfigDict, bundle, mesh: jax.sharding.Mesh):

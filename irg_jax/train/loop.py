@@ -75,7 +75,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricWriter(workdir, enabled=primary)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
-    bundle, init_params = model_setup.build(config.model, mesh, rules, config.seed)
+    bundle, init_params = model_setup.build(config.model, mesh, rules, config.seed,
+                                            autoencoder=init_from.load_autoencoder(config))
     tx, schedule = make_optimizer(config, bundle.abstract_params)
     replicated = NamedSharding(mesh, P())
     abstract_state = jax.eval_shape(
@@ -151,7 +152,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     break
         ckpt.wait()
         if primary and not sigterm.received:
-            export.export_for_inference(state, bundle, config, workdir)
+            export.export_for_inference(state, bundle, config, workdir,
+                                        ae_source=init_from.autoencoder_file(config))
     finally:
         sigterm.restore()
         ckpt.close()

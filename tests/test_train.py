@@ -1,0 +1,300 @@
+"""Training: determinism, exact resume after SIGKILL, SIGTERM save-and-exit, restore on another
+mesh, the non-finite guard, freezing masks and that the losses fall on the synthetic world.
+
+The process-level tests run ``python -m irg_jax.train`` exactly as a user does (one CPU
+device, tiny config, a small synthetic world); they share the persistent compile cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from irg_jax.data import synthetic
+    out = tmp_path_factory.mktemp("world")
+    synthetic.generate(out, num=160, seed=0)
+    return out
+
+
+def _cmd(world, workdir, *overrides):
+    return [sys.executable, "-m", "irg_jax.train",
+            "--config", f"{REPO}/configs/irgl_stage1.py:tiny,data_root={world}", "--workdir", str(workdir),
+            f"--config.total_steps={STEPS}", "--config.batch_size=2", "--config.checkpoint_every=2",
+            "--config.log_every=1", "--config.checkpoint.keep=10", *overrides]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu")
+    return env
+
+
+def _run(cmd, timeout=600):
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _losses(workdir) -> dict[int, tuple[float, float, float]]:
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["ce"], r["mse"]) for r in rows}
+
+
+def _complete_steps(workdir) -> list[int]:
+    ckpt = pathlib.Path(workdir) / "checkpoints"
+    if not ckpt.exists():
+        return []
+    # Orbax commits a step by renaming its temporary folder to the bare step number.
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and (p / "state").exists())
+
+
+def _start_and_wait_for_checkpoint(cmd, workdir, step, timeout=600):
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while step not in _complete_steps(workdir):
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited (rc {proc.returncode}) before checkpoint {step}:\n"
+                                 + proc.stdout.read()[-4000:])
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"no checkpoint {step} after {timeout}s")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference_run(world, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    _run(_cmd(world, workdir))
+    return workdir
+
+
+def test_run_writes_metrics_checkpoints_export_and_one_compilation(reference_run):
+    losses = _losses(reference_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    rows = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "ce", "mse", "lr", "grad_norm", "tokens_per_s", "step_time", "mfu"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert rows[-1]["compilations"] == 1, "the train step recompiled"
+    assert _complete_steps(reference_run)[-1] == STEPS
+    assert (reference_run / "export" / "params").is_dir()
+    assert (reference_run / "config.json").exists()
+    assert list((reference_run / "tensorboard").iterdir()), "no TensorBoard events"
+
+
+def test_same_seed_gives_identical_losses_and_sigkill_resume_is_exact(world, reference_run, tmp_path):
+    """Determinism (steps before the kill) and exact resume (steps after it)."""
+    proc = _start_and_wait_for_checkpoint(_cmd(world, tmp_path), tmp_path, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(_losses(tmp_path))
+    _run(_cmd(world, tmp_path))
+    ref, got = _losses(reference_run), _losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1)), f"steps after a kill at {killed_at}: {sorted(got)}"
+    for step in range(1, STEPS + 1):
+        assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]} (killed after step {killed_at})"
+
+
+def test_sigterm_saves_exits_zero_and_restart_continues(world, reference_run, tmp_path):
+    proc = _start_and_wait_for_checkpoint(_cmd(world, tmp_path), tmp_path, 2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    saved = _complete_steps(tmp_path)[-1]
+    assert saved == max(_losses(tmp_path)), "the SIGTERM save is not at the last finished step"
+    if saved < STEPS:
+        assert "SIGTERM" in out
+    restart = _run(_cmd(world, tmp_path))
+    if saved < STEPS:
+        assert f"resuming from step {saved}" in restart.stderr
+    ref, got = _losses(reference_run), _losses(tmp_path)
+    assert all(got[s] == ref[s] for s in range(1, STEPS + 1))
+
+
+def test_losses_fall_on_the_synthetic_world(world, tmp_path):
+    """20 steps of the tiny config at batch 4: CE and MSE clearly below their start."""
+    _run(_cmd(world, tmp_path, "--config.total_steps=20", "--config.batch_size=4", "--config.checkpoint_every=20"))
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], np.mean([[r["ce"], r["mse"]] for r in rows[-3:]], axis=0)
+    assert last[0] < 0.8 * first["ce"], (first["ce"], last[0])
+    assert last[1] < 0.9 * first["mse"], (first["mse"], last[1])
+
+
+# ---------------------------------------------------------------- in-process (8 simulated devices)
+
+def _tiny_config(world, **mesh):
+    from irg_jax.config import validate
+    from irg_jax.config.irgl import irgl_config
+    c = irgl_config(1, f"tiny,data_root={world}")
+    c.mesh.update(mesh)
+    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, 1, 1, 1
+    validate(c)
+    return c
+
+
+def test_restore_on_a_different_mesh(world, tmp_path):
+    """Save on an 8x1 (fsdp) mesh, resume on a 2x4 (fsdp x tensor) mesh: same values, new shardings."""
+    from irg_jax.train import loop
+
+    first = _tiny_config(world, data=1, fsdp=8, tensor=1)
+    loop.train(first, str(tmp_path))
+    second = _tiny_config(world, data=1, fsdp=2, tensor=4)
+    second.total_steps = 2
+    scalars = loop.train(second, str(tmp_path))
+    assert np.isfinite(scalars["loss"])
+    assert sorted(_losses(tmp_path)) == [1, 2]
+
+    # Checkpoint 1 (written on 8x1) restores on both meshes with identical values.
+    a = _restore_params(first, tmp_path, 1)
+    b = _restore_params(second, tmp_path, 1)
+    leaf_a, leaf_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert any(x.sharding.spec != y.sharding.spec for x, y in zip(leaf_a, leaf_b))
+    for x, y in zip(leaf_a, leaf_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _restore_params(config, workdir, step):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from irg_jax.parallel.mesh import build_mesh
+    from irg_jax.train import checkpointing, model_setup, state as state_lib
+    from irg_jax.train.optimizer import make_optimizer
+    mesh = build_mesh(config.mesh)
+    bundle, _ = model_setup.build(config.model, mesh, tuple(tuple(r) for r in config.sharding.rules), 0)
+    tx, _ = make_optimizer(config, bundle.abstract_params)
+    abstract = jax.eval_shape(lambda p: state_lib.create(p, tx, jax.random.key(0), True), bundle.abstract_params)
+    shardings = state_lib.shardings(abstract, bundle.param_shardings, NamedSharding(mesh, P()))
+    ckpt = checkpointing.Checkpointer(workdir, config)
+    try:
+        state = ckpt.restore(step, checkpointing.abstract_with_shardings(abstract, shardings), None)
+    finally:
+        ckpt.close()
+    return state.params
+
+
+def test_nonfinite_guard_skips_updates_and_stops(world, tmp_path):
+    from irg_jax.train import loop
+    c = _tiny_config(world, data=1, fsdp=8, tensor=1)
+    c.total_steps, c.checkpoint_every = 6, 100
+    c.optim.lr, c.optim.clip_norm, c.optim.warmup_steps = 1e38, 0.0, 0  # step 1 overflows the params
+    c.nan_guard.max_consecutive = 2
+    with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite steps at step 3"):
+        loop.train(c, str(tmp_path))
+
+
+def _toy_step(config, params):
+    """The real train step on a linear toy forward (shapes as Bagel's outputs)."""
+    from irg_jax.train import state as state_lib
+    from irg_jax.train.optimizer import make_optimizer, step_frozen_fn
+    from irg_jax.train.step import make_train_step
+
+    def forward(p, batch, key):
+        h = batch["x"] @ p["decoder"]["w"]
+        return {"ce_logits": h, "velocity": batch["x"] @ p["vit"]["w"], "target": batch["y"]}
+
+    tx, schedule = make_optimizer(config, params)
+    state = state_lib.create(params, tx, jax.random.key(0), config.ema.enabled)
+    step = jax.jit(make_train_step(forward, tx, schedule, config, step_frozen_fn(params, config.freeze)))
+    return state, step
+
+
+def _toy_batch(scale=1.0):
+    x = jnp.ones((4, 3)) * scale
+    return {"x": x, "y": jnp.zeros((4, 3)), "ce_labels": jnp.array([0, 1, 2, 0]),
+            "ce_valid": jnp.array([True, True, True, False]), "latent_noisy": jnp.ones((4,), bool),
+            "kind": jnp.ones((4,), jnp.int32)}
+
+
+def test_nonfinite_step_leaves_the_state_untouched():
+    from irg_jax.config.schema import base_config
+    c = base_config()
+    c.optim.lr = 1e-2
+    params = {"decoder": {"w": jnp.ones((3, 3))}, "vit": {"w": jnp.ones((3, 3))}}
+    state, step = _toy_step(c, params)
+    good, m = step(state, _toy_batch())
+    assert bool(m["finite"]) and int(good.step) == 1
+    bad, m = step(good, _toy_batch(jnp.nan))
+    assert not bool(m["finite"])
+    assert int(bad.step) == 1 and int(bad.nonfinite_streak) == 1 and int(bad.nonfinite_total) == 1
+    for a, b in zip(jax.tree.leaves((good.params, good.ema, good.opt_state)),
+                    jax.tree.leaves((bad.params, bad.ema, bad.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    again, _ = step(bad, _toy_batch())
+    assert int(again.nonfinite_streak) == 0 and int(again.nonfinite_total) == 1
+
+
+def test_static_freezing_keeps_no_optimizer_state_and_no_update():
+    from irg_jax.config.schema import base_config
+    c = base_config()
+    c.freeze.vit = True
+    params = {"decoder": {"w": jnp.ones((3, 3))}, "vit": {"w": jnp.ones((3, 3))}}
+    state, step = _toy_step(c, params)
+    adam_leaves = [l for l in jax.tree.leaves(state.opt_state) if getattr(l, "shape", ()) == (3, 3)]
+    assert len(adam_leaves) == 2, "frozen vit/w must have no Adam moments (only decoder/w's mu, nu)"
+    new, _ = step(state, _toy_batch())
+    np.testing.assert_array_equal(new.params["vit"]["w"], params["vit"]["w"])
+    assert not np.array_equal(new.params["decoder"]["w"], params["decoder"]["w"])
+
+
+def test_step_triggered_freezing():
+    from irg_jax.config.schema import base_config
+    c = base_config()
+    c.optim.lr = 1e-2
+    c.freeze.llm_step = 1  # IRG-style: the LLM stops updating from step 1 on
+    params = {"decoder": {"w": jnp.ones((3, 3))}, "vit": {"w": jnp.ones((3, 3))}}
+    state, step = _toy_step(c, params)
+    s1, _ = step(state, _toy_batch())
+    s2, _ = step(s1, _toy_batch())
+    assert not np.array_equal(s1.params["decoder"]["w"], params["decoder"]["w"])
+    np.testing.assert_array_equal(s2.params["decoder"]["w"], s1.params["decoder"]["w"])
+    assert not np.array_equal(s2.params["vit"]["w"], s1.params["vit"]["w"])
+
+
+def test_parameter_groups_match_the_real_model():
+    """Every freezing group selects a non-empty, correct part of Bagel's parameter tree."""
+    from irg_jax.config.irgl import irgl_config
+    from irg_jax.model.bagel import Bagel
+    from irg_jax.train.optimizer import group_mask, path_str
+    from flax import nnx
+
+    cfg = irgl_config(1, "tiny").model
+    abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.split(abstract, nnx.Param, ...)[1].to_pure_dict()
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for group in ("llm", "vit", "und_expert", "gen_expert", "image_io"):
+        chosen = [p for p, m in zip(paths, jax.tree.leaves(group_mask(params, group))) if m]
+        assert chosen, f"group {group} selects nothing; paths look like {paths[:5]}"
+    und = [p for p, m in zip(paths, jax.tree.leaves(group_mask(params, "und_expert"))) if m]
+    gen = [p for p, m in zip(paths, jax.tree.leaves(group_mask(params, "gen_expert"))) if m]
+    assert not set(und) & set(gen)
+    assert any("q_proj" in p for p in und) and any("q_proj" in p for p in gen)
+
+
+def test_ema_follows_the_params():
+    from irg_jax.config.schema import base_config
+    c = base_config()
+    c.optim.lr, c.ema.decay = 1e-1, 0.5
+    params = {"decoder": {"w": jnp.ones((3, 3))}, "vit": {"w": jnp.ones((3, 3))}}
+    state, step = _toy_step(c, params)
+    new, _ = step(state, _toy_batch())
+    want = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema, new.params)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(new.ema)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert isinstance(optax.global_norm(new.params), jax.Array)
