@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 QUICK ?=
+SEED ?= 0
 export PYTHONPATH := $(CURDIR)
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
@@ -21,7 +22,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m irg_jax.demo --workdir $(WORKDIR) $(if $(QUICK),--quick,)
+	$(PY) -m irg_jax.demo --workdir $(WORKDIR) --seed $(SEED) $(if $(QUICK),--quick,)
 
 bench: venv
 	$(PY) bench/run_all.py

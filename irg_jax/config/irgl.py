@@ -92,6 +92,12 @@ def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         c.data = _small_data(stage, kv.get("data_root", ""), 32, model=c.model, **budgets)
         if "tokenizer" in kv:
             c.data.tokenizer_path = kv["tokenizer"]
+        # Block-sparse attention: 128-token blocks let the packed step skip the blocks between
+        # documents (3.7x faster than 512-token blocks for the demo's 1088-token packs on CPU).
+        c.model.attention.block_q = c.model.attention.block_k = 128
+        # Trained from scratch, the demo needs an unconditional branch for CFG (IRG fine-tunes
+        # BAGEL, which learned one in pre-training, so IRG's own text dropout is 0).
+        c.data.text_cond_dropout_prob = 0.1
         c.optim.lr = 1e-3 if variant == "demo" else 3e-3
         c.optim.warmup_steps = 50 if stage == 1 else 0
         c.optim.schedule = "cosine" if variant == "demo" else "constant"

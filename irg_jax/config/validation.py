@@ -77,7 +77,9 @@ def _check_mesh(config, num_devices: int) -> None:
 
 
 def _check_training(config) -> None:
-    positive = ["total_steps", "batch_size", "log_every", "checkpoint_every", "optim.grad_accum_steps", "checkpoint.keep"]
+    if config.total_steps < 0:
+        raise ConfigError("total_steps", f"must be >= 0 (0: export the initial parameters), got {config.total_steps}")
+    positive = ["batch_size", "log_every", "checkpoint_every", "optim.grad_accum_steps", "checkpoint.keep"]
     flat = dict(_flatten(config))
     for key in positive:
         if key in flat and flat[key] <= 0:
