@@ -104,7 +104,7 @@ def key_rules(model_cfg) -> list[KeyRule]:
     if model_cfg.vit.enabled:
         for module, prefix in (("vit", vit_keys.VIT_PREFIX), ("connector", vit_keys.CONNECTOR_PREFIX)):
             for sub in _module_param_paths(model_cfg, module):
-                add(vit_keys._source_key(sub, prefix), f"{module}/{sub}",
+                add(vit_keys.siglip_source_key(sub, prefix), f"{module}/{sub}",
                     linear if sub.endswith("kernel") else (_same, _same))
     return rules
 

@@ -28,7 +28,7 @@ CONNECTOR_PREFIX = "connector."
 _LAYER_PREFIX = VIT_PREFIX + "encoder.layers."
 
 
-def _source_key(path: str, prefix: str) -> str:
+def siglip_source_key(path: str, prefix: str) -> str:
     """Our parameter path -> PyTorch key (without transposes)."""
     parts = path.split("/")
     leaf = {"kernel": "weight", "scale": "weight"}.get(parts[-1], parts[-1])
@@ -44,7 +44,7 @@ def _source_key(path: str, prefix: str) -> str:
 
 
 def _convert(path: str, prefix: str, tensors: Mapping[str, np.ndarray], used: set[str]):
-    key = _source_key(path, prefix)
+    key = siglip_source_key(path, prefix)
     if key not in tensors:
         return None
     used.add(key)

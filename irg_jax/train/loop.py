@@ -45,6 +45,24 @@ class _Sigterm:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class _NonFiniteGuard:
+    """Logs skipped (non-finite) updates; raises after ``max_consecutive`` in a row."""
+
+    def __init__(self, max_consecutive: int, ckpt: checkpointing.Checkpointer):
+        self.max_consecutive, self.ckpt = max_consecutive, ckpt
+
+    def check(self, step: int, metrics: dict) -> None:
+        streak = int(metrics["nonfinite_streak"])
+        if not streak:
+            return
+        logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, streak)
+        if streak >= self.max_consecutive:
+            self.ckpt.wait()
+            raise NonFiniteError(
+                f"{streak} consecutive non-finite steps at step {step}; the last good state is the "
+                f"latest checkpoint in {self.ckpt.directory}")
+
+
 def check_tokenizer(tokenizer, model_cfg: ml_collections.ConfigDict) -> None:
     """The model's special ids and vocabulary must agree with the data's tokenizer."""
     ids = model_cfg.special_ids
@@ -117,6 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last: dict = {}
     flops_per_step = step_flops(config, budgets[-1])
     window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+    guard, pending = _NonFiniteGuard(config.nan_guard.max_consecutive, ckpt), None
     try:
         with jax.set_mesh(mesh), activation_rules(rules):
             for step in range(start, config.total_steps):
@@ -125,15 +144,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 window_steps += 1
                 window_tokens += metrics["real_tokens"]  # stays on device until logged
                 done = step + 1
-                streak = int(metrics["finite"] == 0) and int(state.nonfinite_streak)
-                if streak:
-                    logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", done, streak)
-                    if streak >= config.nan_guard.max_consecutive:
-                        ckpt.wait()
-                        raise NonFiniteError(
-                            f"{streak} consecutive non-finite steps at step {done}; the last good state is the "
-                            f"latest checkpoint in {ckpt.directory}")
+                # Check the previous step's guard while this one runs (no host sync per step).
+                if pending:
+                    guard.check(*pending)
+                pending = (done, metrics)
                 if done % config.log_every == 0 or done == config.total_steps:
+                    guard.check(*pending)
+                    pending = None
                     jax.block_until_ready(state)
                     elapsed = time.perf_counter() - window_t0
                     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -147,6 +164,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     last = scalars
                     window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if done % config.checkpoint_every == 0 or done == config.total_steps or sigterm.received:
+                    if pending:  # never checkpoint past an unchecked step
+                        guard.check(*pending)
+                        pending = None
                     ckpt.save(done, state, data_iter, force=True)
                 if sigterm.received:
                     break

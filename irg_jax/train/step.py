@@ -81,7 +81,8 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, schedu
         metrics = {
             "loss": loss, "ce": ce, "mse": mse, "grad_norm": grad_norm,
             "lr": schedule(state.step), "ce_tokens": n_ce, "mse_tokens": n_mse,
-            "finite": finite, "real_tokens": jnp.sum(batch["kind"] != 0),
+            "finite": finite, "nonfinite_streak": new_state.nonfinite_streak,
+            "real_tokens": jnp.sum(batch["kind"] != 0),
         }
         return new_state, metrics
 

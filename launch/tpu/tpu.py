@@ -3,7 +3,7 @@
 
     python launch/tpu/tpu.py up                      # create, wait for ACTIVE, ship code, install env
     python launch/tpu/tpu.py run --run-name r1 -- python -m irg_jax.train \\
-        --config configs/bagel_7b_mot.py --workdir gs://bucket/runs/r1
+        --config configs/irgl_stage1.py:bagel_7b_mot,data_root=gs://my-bucket/irg_data,init_from=gs://my-bucket/bagel_orbax --workdir gs://bucket/runs/r1
     python launch/tpu/tpu.py logs --run-name r1      # follow worker 0; --all: tail every worker
     python launch/tpu/tpu.py stop                    # kill the run, free the TPU on every worker
     python launch/tpu/tpu.py delete                  # delete the queued resource and its slices
