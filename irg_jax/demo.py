@@ -45,7 +45,7 @@ class DemoPlan:
     grid_rows: int = 8
 
 
-FULL = DemoPlan(trajectories=4000, stage1_steps=500, stage2_steps=150, prompts=120, flow_steps=25,
+FULL = DemoPlan(trajectories=4000, stage1_steps=400, stage2_steps=250, prompts=120, flow_steps=25,
                 max_think_tokens=160)
 QUICK = DemoPlan(trajectories=800, stage1_steps=40, stage2_steps=15, prompts=24, flow_steps=10,
                  max_think_tokens=160)

@@ -21,7 +21,7 @@ from irg_jax.parallel.sharding import activation_rules
 from irg_jax.train import checkpointing, export, init_from, model_setup
 from irg_jax.train import mfu as mfu_lib
 from irg_jax.train import state as state_lib
-from irg_jax.train.metrics import MetricWriter, ProgressLine
+from irg_jax.train.metrics import AVERAGED, MetricWriter, ProgressLine, TrainMetrics
 from irg_jax.train.optimizer import make_optimizer, step_frozen_fn
 from irg_jax.train.step import make_train_step
 
@@ -134,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sigterm = _Sigterm()
     last: dict = {}
     flops_per_step = step_flops(config, budgets[-1])
-    window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+    window_t0, window_steps, window_tokens, window = time.perf_counter(), 0, 0.0, None
     guard, pending = _NonFiniteGuard(config.nan_guard.max_consecutive, ckpt), None
     try:
         with jax.set_mesh(mesh), activation_rules(rules):
@@ -143,6 +143,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 state, metrics = step_fn(state, batch)
                 window_steps += 1
                 window_tokens += metrics["real_tokens"]  # stays on device until logged
+                averages = TrainMetrics.single_from_model_output(**{k: metrics[k] for k in AVERAGED})
+                window = averages if window is None else window.merge(averages)
                 done = step + 1
                 # Check the previous step's guard while this one runs (no host sync per step).
                 if pending:
@@ -154,6 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     jax.block_until_ready(state)
                     elapsed = time.perf_counter() - window_t0
                     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    scalars.update({k: float(v) for k, v in window.compute().items()})  # window means
                     scalars.update(
                         step_time=elapsed / window_steps, tokens_per_s=float(window_tokens) / elapsed,
                         mfu=mfu_lib.mfu(flops_per_step, elapsed / window_steps, peak, peak_devices),
@@ -162,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     writer.write(done, scalars)
                     progress.log(done, scalars)
                     last = scalars
-                    window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+                    window_t0, window_steps, window_tokens, window = time.perf_counter(), 0, 0.0, None
                 if done % config.checkpoint_every == 0 or done == config.total_steps or sigterm.received:
                     if pending:  # never checkpoint past an unchecked step
                         guard.check(*pending)

@@ -1,5 +1,4 @@
 """Metric aggregation (clu.metrics) and writers: metrics.jsonl, TensorBoard, a console line."""
-from __future__ import annotations
 
 import json
 import pathlib
@@ -9,6 +8,9 @@ import flax
 import numpy as np
 from absl import logging
 from clu import metrics as clu_metrics
+
+
+AVERAGED = ("loss", "ce", "mse", "grad_norm")  # logged as means over the steps since the last log
 
 
 @flax.struct.dataclass
