@@ -42,7 +42,7 @@ def test_config_file_arg_and_lock(tmp_path):
     (lambda c: c.update(batch_size=4) or c.mesh.update(data=8, fsdp=1), "batch_size"),
     (lambda c: c.optim.update(schedule="linear"), "optim.schedule"),
     (lambda c: c.optim.update(lr=0.0), "optim.lr"),
-    (lambda c: c.update(total_steps=0), "total_steps"),
+    (lambda c: c.update(total_steps=-1), "total_steps"),
     (lambda c: c.ema.update(decay=1.5), "ema.decay"),
     (lambda c: c.sharding.update(rules=(("embed", "model"),)), "sharding.rules[0]"),
     (lambda c: c.checkpoint.update(init_from="/nonexistent/ckpt"), "checkpoint.init_from"),
