@@ -82,7 +82,7 @@ def _start_and_wait_for_checkpoint(cmd, workdir, step, timeout=600):
 @pytest.fixture(scope="module")
 def reference_run(world, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
-    _run(_cmd(world, workdir))
+    _run(_cmd(world, workdir, "--config.sample_every=3"))  # sampling must not change the losses
     return workdir
 
 
@@ -97,6 +97,11 @@ def test_run_writes_metrics_checkpoints_export_and_one_compilation(reference_run
     assert (reference_run / "export" / "params").is_dir()
     assert (reference_run / "config.json").exists()
     assert list((reference_run / "tensorboard").iterdir()), "no TensorBoard events"
+    from PIL import Image
+    grids = sorted(p.name for p in (reference_run / "samples").iterdir())
+    assert grids == ["step_0000003.png", "step_0000006.png"]
+    with Image.open(reference_run / "samples" / grids[0]) as im:
+        assert im.size[1] == 4 * (32 * 4 + 4)  # four prompts, 32-px images upscaled 4x
 
 
 def test_same_seed_gives_identical_losses_and_sigkill_resume_is_exact(world, reference_run, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from irg_jax.config.schema import base_config
+from irg_jax.data.trajectories import SYSTEM_PROMPT_SHORT
 from irg_jax.data.config import default_data_config
 from irg_jax.data.mixture import stage1_groups, stage2_groups
 from irg_jax.model import config as model_configs
@@ -109,6 +110,10 @@ def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         c.log_every = 10 if variant == "demo" else 2
         c.checkpoint_every = 200 if variant == "demo" else 10
         c.checkpoint.keep = 2
+        c.sampling.prompts = ("a red circle", "two blue squares", "a green triangle above a yellow circle",
+                              "a blue square left of a red triangle")
+        c.sampling.image_size = 32
+        c.sampling.system_prompt = SYSTEM_PROMPT_SHORT
     if "init_from" in kv:
         c.checkpoint.init_from = kv["init_from"]
         c.checkpoint.init_from_kind = "params" if stage == 1 else "train_state"

@@ -36,6 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 500
     c.sample_every = 0  # 0: no sample grids during training
+    # What a sample grid shows (irg_jax.train.samples): the IRG loop on these prompts with the EMA.
+    c.sampling = ml_collections.ConfigDict({
+        "prompts": (), "image_size": 0, "num_steps": 10, "max_think_tokens": 64,
+        "cfg_text": 1.0, "cfg_img": 1.0, "system_prompt": "",
+    })
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.sharding = ml_collections.ConfigDict({"rules": DEFAULT_RULES})

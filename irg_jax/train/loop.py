@@ -23,6 +23,7 @@ from irg_jax.train import mfu as mfu_lib
 from irg_jax.train import state as state_lib
 from irg_jax.train.metrics import AVERAGED, MetricWriter, ProgressLine, TrainMetrics
 from irg_jax.train.optimizer import make_optimizer, step_frozen_fn
+from irg_jax.train.samples import TrainingSamples
 from irg_jax.train.step import make_train_step
 
 
@@ -136,6 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flops_per_step = step_flops(config, budgets[-1])
     window_t0, window_steps, window_tokens, window = time.perf_counter(), 0, 0.0, None
     guard, pending = _NonFiniteGuard(config.nan_guard.max_consecutive, ckpt), None
+    samples = TrainingSamples(config, bundle, tokenizer, workdir, writer) if config.sample_every and primary else None
     try:
         with jax.set_mesh(mesh), activation_rules(rules):
             for step in range(start, config.total_steps):
@@ -166,6 +168,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     progress.log(done, scalars)
                     last = scalars
                     window_t0, window_steps, window_tokens, window = time.perf_counter(), 0, 0.0, None
+                if samples and done % config.sample_every == 0:
+                    samples(done, state.ema or state.params)
                 if done % config.checkpoint_every == 0 or done == config.total_steps or sigterm.received:
                     if pending:  # never checkpoint past an unchecked step
                         guard.check(*pending)
