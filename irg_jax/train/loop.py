@@ -18,6 +18,7 @@ from irg_jax import runtime
 from irg_jax.model.bagel import training_flops
 from irg_jax.parallel.mesh import build_mesh
 from irg_jax.parallel.sharding import activation_rules
+from irg_jax.inference.runner import check_tokenizer
 from irg_jax.train import checkpointing, export, init_from, model_setup
 from irg_jax.train import mfu as mfu_lib
 from irg_jax.train import state as state_lib
@@ -64,19 +65,6 @@ class _NonFiniteGuard:
                 f"latest checkpoint in {self.ckpt.directory}")
 
 
-def check_tokenizer(tokenizer, model_cfg: ml_collections.ConfigDict) -> None:
-    """The model's special ids and vocabulary must agree with the data's tokenizer."""
-    ids = model_cfg.special_ids
-    want = dict(bos=tokenizer.bos_id, eos=tokenizer.eos_id, start_of_image=tokenizer.start_of_image_id,
-                end_of_image=tokenizer.end_of_image_id)
-    have = {k: ids[k] for k in want}
-    if have != want:
-        raise ValueError(f"config.model.special_ids {have} differ from the tokenizer's {want}")
-    if tokenizer.vocab_size > model_cfg.llm.vocab_size:
-        raise ValueError(f"config.model.llm.vocab_size {model_cfg.llm.vocab_size} < tokenizer vocabulary "
-                         f"{tokenizer.vocab_size}")
-
-
 def step_flops(config: ml_collections.ConfigDict, budgets) -> float:
     """Analytic model FLOPs of one optimiser step at the configured token budgets."""
     return float(training_flops(config.model, batch=config.batch_size, und_len=budgets.und_len,
@@ -103,7 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state_shardings = state_lib.shardings(abstract_state, bundle.param_shardings, replicated)
 
     tokenizer = load_tokenizer(config.data.tokenizer_path)
-    check_tokenizer(tokenizer, config.model)
+    check_tokenizer(tokenizer, config.model, f"config.data.tokenizer_path={config.data.tokenizer_path}")
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     data_iter, budgets = pipeline.make_train_iterator(
         config.data, config.model, tokenizer, seed=config.seed, batch_size=config.batch_size,
