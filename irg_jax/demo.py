@@ -40,6 +40,8 @@ class DemoPlan:
     prompts: int            # held-out prompts scored (the world holds 120)
     flow_steps: int         # Euler steps per image
     max_think_tokens: int   # longest think / reflection decoded
+    jitter: float = 0.0     # world: objects sit at their cell's centre (the image follows from the plan)
+    timestep_shift: float = 3.0  # sampling schedule shift (IRG's default)
     cfg_text: float = 1.0   # CFG scales of both turns (1: no guidance)
     cfg_img: float = 1.0
     grid_rows: int = 8
@@ -99,7 +101,7 @@ def generate_args(export: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path
     return ["--checkpoint", str(export), "--prompts", str(prompts), "--out", str(out),
             "--image_size", str(image_px), "--num_steps", str(plan.flow_steps),
             "--max_think_tokens", str(plan.max_think_tokens), "--system_prompt", f"@{system_prompt}",
-            "--batch_size", "8", "--seed", str(seed), "--timestep_shift", "2.0",
+            "--batch_size", "8", "--seed", str(seed), "--timestep_shift", str(plan.timestep_shift),
             # No classifier-free guidance: for this small from-scratch model IRG's scales (text 4;
             # refine text 4, image 2) wash the images out (measured on 40 held-out prompts after
             # 600+200 steps: turn 1 0.05 / turn 2 0.00 with them, 0.125 / 0.175 without).
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     world = work / "world"
     stage.run("world", "irg_jax.data.synthetic",
-              ["--out", str(world), "--num", str(plan.trajectories), "--seed", str(args.seed)],
+              ["--out", str(world), "--num", str(plan.trajectories), "--seed", str(args.seed),
+               "--jitter", str(plan.jitter)],
               done=world / "world.json")
     world_cfg = json.loads((world / "world.json").read_text())["config"]
     system_prompt = work / "system_prompt.txt"

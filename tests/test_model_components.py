@@ -193,3 +193,11 @@ def test_every_parameter_has_logical_axes(tiny):
             assert isinstance(var, nnx.Param), (name, path)
             axes = var.get_metadata().get("logical_axes")
             assert axes is not None and len(axes) == len(var.get_value().shape), (name, path, axes)
+
+
+def test_timestep_embedder_scale_multiplies_t():
+    t = jnp.asarray([0.0, 0.25, 0.9, 1.0])
+    plain = emb.TimestepEmbedder(32, nnx.Rngs(0))
+    scaled = emb.TimestepEmbedder(32, nnx.Rngs(0), scale=1000.0)
+    np.testing.assert_allclose(scaled(t), plain(1000.0 * t), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(scaled(t), plain(t))

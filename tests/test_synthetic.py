@@ -236,3 +236,20 @@ def test_sizes_and_speed(tmp_path):
     assert elapsed < 30  # measured ~0.5 s on the 2-core machine; 10k at 32 px takes ~4 s
     r = next(read_records_jsonl(tmp_path / "w64" / "records.jsonl"))
     assert Image.open(io.BytesIO(r.image2)).size == (64, 64)
+
+
+def test_zero_jitter_centres_every_lone_object_in_its_cell():
+    world = World(WorldConfig(jitter=0.0), seed=3)
+    seen = 0
+    for i in range(200):
+        traj = world.trajectory(i)
+        if traj.spec.category != "single_object" and traj.spec.category != "colors":
+            continue
+        (obj,), (group,) = traj.objects, traj.plan
+        r, c = divmod(synthetic_text.CELL_WORDS.index(group.place), 3)
+        cell = 32 / 3
+        assert abs(obj.cx - (c + 0.5) * cell) <= 1 and abs(obj.cy - (r + 0.5) * cell) <= 1, (group, obj)
+        seen += 1
+    assert seen > 20
+    with pytest.raises(ValueError, match="jitter"):
+        WorldConfig(jitter=0.5)

@@ -301,3 +301,20 @@ def test_ema_follows_the_params():
     want = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema, new.params)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(new.ema)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_ema_warmup_starts_near_the_params_and_ends_at_the_decay():
+    from irg_jax.config.schema import base_config
+    from irg_jax.train.step import ema_decay_at
+    assert float(ema_decay_at(jnp.int32(0), 0.99, False)) == pytest.approx(0.99)
+    assert float(ema_decay_at(jnp.int32(0), 0.99, True)) == pytest.approx(0.1)
+    assert float(ema_decay_at(jnp.int32(90), 0.99, True)) == pytest.approx(0.91)
+    assert float(ema_decay_at(jnp.int32(5000), 0.99, True)) == pytest.approx(0.99)
+    c = base_config()
+    c.optim.lr, c.ema.decay, c.ema.warmup = 1e-1, 0.99, True
+    params = {"decoder": {"w": jnp.ones((3, 3))}, "vit": {"w": jnp.ones((3, 3))}}
+    state, step = _toy_step(c, params)
+    new, _ = step(state, _toy_batch())
+    want = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, state.ema, new.params)  # decay 1/10 at step 0
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(new.ema)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)

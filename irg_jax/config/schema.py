@@ -50,7 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
         "b1": 0.9, "b2": 0.95, "eps": 1e-15, "weight_decay": 0.0,
         "clip_norm": 1.0, "grad_accum_steps": 1,
     })
-    c.ema = ml_collections.ConfigDict({"enabled": True, "decay": 0.995})
+    # warmup: decay min(decay, (1 + step) / (10 + step)) (for runs from scratch; BAGEL/IRG: off)
+    c.ema = ml_collections.ConfigDict({"enabled": True, "decay": 0.995, "warmup": False})
     c.loss = ml_collections.ConfigDict({
         "ce_weight": 1.0, "mse_weight": 1.0,
         "text_loss_disable_step": -1, "image_loss_disable_step": -1,  # -1: never

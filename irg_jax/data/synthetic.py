@@ -48,6 +48,7 @@ class WorldConfig:
     heldout_fraction: float = 0.25  # at most this share of a category's meanings is held out (at least 1)
     system_prompt: str = text.SYSTEM_PROMPT_SHORT
     initial_image_source: str = "image2"  # see ModeDatasetWriter
+    jitter: float = 0.12  # largest random shift of an object from its cell's centre, as a share of the canvas
 
     def __post_init__(self):
         scenes.check_canvas(self.size)
@@ -56,6 +57,8 @@ class WorldConfig:
             raise ValueError(f"colours {list(self.colours)} must be >= 2 names from {list(scenes.PALETTE)}")
         if not set(self.shapes) <= set(scenes.SHAPES) or len(self.shapes) < 2:
             raise ValueError(f"shapes {list(self.shapes)} must be >= 2 of {scenes.SHAPES}")
+        if not 0.0 <= self.jitter <= 0.25:
+            raise ValueError(f"jitter must be in [0, 0.25] (a share of the canvas), got {self.jitter}")
         if not 0.0 <= self.defect_prob <= 1.0:
             raise ValueError(f"defect_prob must be in [0, 1], got {self.defect_prob}")
 
@@ -99,21 +102,25 @@ def plan_text(plan: Sequence[PlannedGroup]) -> str:
 
 
 class _Layout:
-    """Places boxes in cells with a guaranteed gap of 2*margin between neighbouring cells."""
+    """Places boxes in cells with a guaranteed gap of 2*margin between neighbouring cells.
 
-    def __init__(self, canvas: int, rng: random.Random):
+    A box sits at its cell's centre shifted by at most ``jitter * canvas`` pixels (0: always centred).
+    """
+
+    def __init__(self, canvas: int, rng: random.Random, jitter: float = 0.12):
         self.canvas = canvas
         self.rng = rng
         self.margin = max(1, round(canvas / 32))
-        self.max_jitter = max(1, round(0.12 * canvas))
+        self.max_jitter = round(jitter * canvas)
 
     def start(self, a: float, b: float, side: int, lone: bool = False) -> int:
         """A random box start in [a, b) keeping ``margin`` from the cell edges."""
         centred = round((a + b - side) / 2)
         lo = max(math.ceil(a + self.margin), centred - self.max_jitter)
         hi = min(math.floor(b - self.margin - side), centred + self.max_jitter)
-        if lone:
-            lo, hi = min(lo, centred - self.margin), max(hi, centred + self.margin)
+        if lone:  # a lone object may use its cell's margin too
+            spread = min(self.margin, self.max_jitter)
+            lo, hi = min(lo, centred - spread), max(hi, centred + spread)
         lo, hi = max(lo, 0), min(hi, self.canvas - side)
         if lo > hi:
             lo = hi = min(max(centred, 0), self.canvas - side)
@@ -127,7 +134,7 @@ class _Layout:
 def _plan_and_place(spec: PromptSpec, cfg: WorldConfig, rng: random.Random
                     ) -> tuple[tuple[PlannedGroup, ...], list[scenes.SceneObject], list[int]]:
     S = cfg.size
-    lay = _Layout(S, rng)
+    lay = _Layout(S, rng, cfg.jitter)
     sizes = tuple(scenes.SIZES_AT_32)
     objects: list[scenes.SceneObject] = []
     group_of: list[int] = []
@@ -279,7 +286,7 @@ def _count_defect(spec, plan, objects, group_of, cfg, rng) -> _Defect | None:
         if spot is None:
             extra = False
         else:
-            objs.append(_Layout(cfg.size, rng).obj(group, spot[0], spot[1], side))
+            objs.append(_Layout(cfg.size, rng, cfg.jitter).obj(group, spot[0], spot[1], side))
     if not extra:
         del objs[rng.choice([i for i, g in enumerate(group_of) if g == gi])]
     actual = group.count + (1 if extra else -1)
@@ -466,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32, help=f"image side in pixels ({scenes.MIN_CANVAS}..{scenes.MAX_CANVAS})")
     p.add_argument("--heldout", type=int, default=120, help="number of held-out prompt lines (0: none held out)")
     p.add_argument("--defect-prob", type=float, default=0.5)
+    p.add_argument("--jitter", type=float, default=WorldConfig.jitter,
+                   help="largest shift of an object from its cell's centre, as a share of the canvas")
     p.add_argument("--colours", default=",".join(scenes.DEFAULT_COLOURS),
                    help=f"comma-separated, from {','.join(scenes.PALETTE)}")
     p.add_argument("--system-prompt", choices=("short", "full"), default="short")
@@ -475,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record-images", action="store_true", help="leave base64 images out of records.jsonl")
     args = p.parse_args(argv)
     cfg = WorldConfig(size=args.size, colours=tuple(c.strip() for c in args.colours.split(",") if c.strip()),
-                      defect_prob=args.defect_prob, initial_image_source=args.initial_image,
+                      defect_prob=args.defect_prob, jitter=args.jitter, initial_image_source=args.initial_image,
                       system_prompt=text.SYSTEM_PROMPT_SHORT if args.system_prompt == "short" else text.SYSTEM_PROMPT_FULL)
     summary = generate(args.out, args.num, args.seed, cfg, heldout=args.heldout,
                        rows_per_group=args.rows_per_group, record_images=not args.no_record_images)

@@ -48,7 +48,7 @@ class Bagel(nnx.Module):
                                             logical_axes=(None, "embed"))
         else:
             self.vit = self.connector = self.vit_pos_table = None
-        self.time_embedder = TimestepEmbedder(d, rngs)
+        self.time_embedder = TimestepEmbedder(d, rngs, scale=cfg.latent.get("time_scale", 1.0))
         self.vae2llm = Linear(d_lat, d, rngs=rngs, axes=("patch", "embed"))
         self.llm2vae = Linear(d, d_lat, rngs=rngs, axes=("embed", "patch"), kernel_init=nnx.initializers.zeros)
         self.latent_pos_table = FixedTable(jnp.asarray(sincos_2d_table(cfg.latent.max_latent_size, d)),

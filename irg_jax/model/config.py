@@ -37,6 +37,8 @@ def _model(*, llm: dict, vit: dict, latent: dict, autoencoder: dict, special_ids
     llm.setdefault("head_dim", llm["hidden_size"] // llm["num_heads"])
     llm.setdefault("rms_norm_eps", 1e-6)
     llm.setdefault("qk_norm", True)
+    latent = dict(latent)
+    latent.setdefault("time_scale", 1.0)  # t multiplier before the sinusoidal time features (BAGEL: 1)
     ae = dict(kind="flux", downsample=8, z_channels=16, scale_factor=0.3611, shift_factor=0.1159,
               ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, in_channels=3, out_ch=3)
     ae.update(autoencoder)

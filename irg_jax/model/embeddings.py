@@ -78,15 +78,20 @@ def timestep_features(t: jax.Array, dim: int = 256) -> jax.Array:
 
 
 class TimestepEmbedder(nnx.Module):
-    """Linear(freq_dim -> hidden), SiLU, Linear(hidden -> hidden) on :func:`timestep_features`."""
+    """Linear(freq_dim -> hidden), SiLU, Linear(hidden -> hidden) on :func:`timestep_features`.
 
-    def __init__(self, hidden: int, rngs: nnx.Rngs, freq_dim: int = 256):
+    ``scale`` multiplies t before the features: BAGEL uses 1 (t in [0, 1], so only the lowest
+    frequencies vary); DiT-style models trained from scratch use 1000.
+    """
+
+    def __init__(self, hidden: int, rngs: nnx.Rngs, freq_dim: int = 256, scale: float = 1.0):
         self.freq_dim = freq_dim
+        self.scale = float(scale)
         self.fc1 = Linear(freq_dim, hidden, rngs=rngs, axes=("time_freq", "embed"))
         self.fc2 = Linear(hidden, hidden, rngs=rngs, axes=(None, "embed"))
 
     def __call__(self, t: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        h = self.fc1(timestep_features(t, self.freq_dim).astype(dtype))
+        h = self.fc1(timestep_features(self.scale * jnp.asarray(t, jnp.float32), self.freq_dim).astype(dtype))
         return self.fc2(jax.nn.silu(h))
 
 

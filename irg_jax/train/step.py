@@ -19,6 +19,16 @@ def _micro_batches(batch: dict, k: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """EMA decay of the update after ``step`` finished steps: ``decay``, or with ``warmup``
+    min(decay, (1 + step) / (10 + step)), so that a run from scratch does not keep its
+    random initialisation in the average (0.99^400 = 2% of it after 400 steps)."""
+    if not warmup:
+        return jnp.float32(decay)
+    n = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
 def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     config: ml_collections.ConfigDict,
                     step_frozen: Callable[[jax.Array], Any]) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -26,7 +36,7 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, schedu
     accum = config.optim.grad_accum_steps
     w_ce, w_mse = config.loss.ce_weight, config.loss.mse_weight
     text_off_at, image_off_at = config.loss.text_loss_disable_step, config.loss.image_loss_disable_step
-    ema_decay = config.ema.decay
+    ema_decay, ema_warmup = config.ema.decay, config.ema.warmup
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -65,7 +75,8 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, schedu
         updates = jax.tree.map(lambda u, f: jnp.where(f, jnp.zeros_like(u), u), updates, frozen)
         new_params = optax.apply_updates(state.params, updates)
         if state.ema:
-            new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, new_params)
+            decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+            new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new_params)
         else:
             new_ema = state.ema
 
