@@ -253,3 +253,22 @@ def test_zero_jitter_centres_every_lone_object_in_its_cell():
     assert seen > 20
     with pytest.raises(ValueError, match="jitter"):
         WorldConfig(jitter=0.5)
+
+
+def test_quality_defects_draw_the_right_scene_badly(world_dir):
+    world = World(WorldConfig(quality_prob=1.0), seed=2)
+    vocab = set(json.loads((world_dir / "vocab.json").read_text())["words"])
+    quality = 0
+    for record in world.records(120):
+        defect = record.metadata["defect"]
+        if defect is None or defect["type"] != "quality":
+            continue
+        quality += 1
+        assert record.metadata["objects_image1"] == record.metadata["objects"]  # same scene
+        bad, good = (np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.int16) for b in (record.image1, record.image2))
+        assert np.abs(bad - good).mean() > 2.0  # visibly different pixels
+        assert "blotchy" in record.think2 and "stray" in record.think2
+        assert set(record.think2.split()) <= vocab
+    assert quality > 40  # every defect-free trajectory (about half) is drawn badly at quality_prob 1
+    # quality_prob 0 (the default) leaves the world exactly as before: no quality defects at all
+    assert all((r.metadata["defect"] or {}).get("type") != "quality" for r in World(WorldConfig(), seed=2).records(60))

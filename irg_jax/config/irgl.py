@@ -105,8 +105,9 @@ def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         # Trained from scratch, the demo needs an unconditional branch for CFG (IRG fine-tunes
         # BAGEL, which learned one in pre-training, so IRG's own text dropout is 0).
         c.data.text_cond_dropout_prob = 0.1
-        # Stage 2 keeps lr 1e-3 although the fresh Adam state spikes the MSE on its first steps:
-        # 150 steps at 3e-4 left turn 2 below turn 1 (0.075 vs 0.167), 200 at 1e-3 put it above.
+        # Stage 1 at 2e-3 (with the time scale and shift above: stage-1 MSE 0.19 after 400 steps,
+        # where 1e-3 / shift 2 / unscaled t gave 0.24). Stage 2 keeps 1e-3 although the fresh Adam
+        # state spikes the MSE on its first steps: 150 steps at 3e-4 left turn 2 below turn 1.
         c.optim.lr = (2e-3 if stage == 1 else 1e-3) if variant == "demo" else 3e-3
         c.optim.warmup_steps = 50 if stage == 1 else 0
         c.optim.schedule = "cosine" if variant == "demo" else "constant"

@@ -5,7 +5,8 @@
 Each trajectory: a templated prompt of a GenEval category; a think-1 plan that fixes
 what the prompt leaves open (colours, sizes, places); image 1, which with probability
 ``defect_prob`` is deliberately wrong in one way (colour, count, shape or position;
-recorded in the metadata); a four-section reflection that names that defect (or says
+recorded in the metadata), or, with probability ``quality_prob`` when it has no such
+defect, the right scene drawn blotchy; a four-section reflection that names that defect (or says
 the image already matches and only polishes it); and image 2, the correct rendering of
 the plan. Everything is a pure function of (seed, index), so runs are deterministic.
 
@@ -29,13 +30,16 @@ import sys
 import time
 from typing import Iterator, Sequence
 
+import numpy as np
+from PIL import Image
+
 from irg_jax.data import scenes
 from irg_jax.data import synthetic_text as text
 from irg_jax.data.synthetic_prompts import CATEGORIES, INVERSE_RELATION, MAX_COUNT, PromptSpec, prompt_space
 from irg_jax.data.tokenizer import WordTokenizer
 from irg_jax.data.trajectories import DEFAULT_ROWS_PER_GROUP, ModeDatasetWriter, TrajectoryRecord
 
-DEFECT_TYPES: tuple[str, ...] = ("colour", "count", "shape", "position")
+DEFECT_TYPES: tuple[str, ...] = ("colour", "count", "shape", "position", "quality")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +53,10 @@ class WorldConfig:
     system_prompt: str = text.SYSTEM_PROMPT_SHORT
     initial_image_source: str = "image2"  # see ModeDatasetWriter
     jitter: float = 0.12  # largest random shift of an object from its cell's centre, as a share of the canvas
+    # Share of the trajectories without a content defect whose image 1 is drawn badly (blotchy
+    # shapes, stray patches, pixel noise; see :func:`blotchy`) and whose reflection asks for a clean
+    # redraw: the fine-detail improvements IRG's second turn makes. 0 keeps every such image clean.
+    quality_prob: float = 0.0
 
     def __post_init__(self):
         scenes.check_canvas(self.size)
@@ -59,6 +67,8 @@ class WorldConfig:
             raise ValueError(f"shapes {list(self.shapes)} must be >= 2 of {scenes.SHAPES}")
         if not 0.0 <= self.jitter <= 0.25:
             raise ValueError(f"jitter must be in [0, 0.25] (a share of the canvas), got {self.jitter}")
+        if not 0.0 <= self.quality_prob <= 1.0:
+            raise ValueError(f"quality_prob must be in [0, 1], got {self.quality_prob}")
         if not 0.0 <= self.defect_prob <= 1.0:
             raise ValueError(f"defect_prob must be in [0, 1], got {self.defect_prob}")
 
@@ -303,6 +313,41 @@ def _count_defect(spec, plan, objects, group_of, cfg, rng) -> _Defect | None:
                    analysis, text.fill("count_improvement", **slots, noun=noun(group.count)), [guidance])
 
 
+def _quality_defect() -> _Defect:
+    """Image 1 shows the right scene, drawn badly (the objects are unchanged; :func:`blotchy` draws it)."""
+    guidance = text.fill("quality_guidance").split("\n")
+    return _Defect([], {"type": "quality", "detail": "blotchy"}, text.fill("quality"),
+                   text.fill("quality_improvement"), guidance)
+
+
+def blotchy(image: np.ndarray, rng: random.Random, cell: int = 4) -> np.ndarray:
+    """A badly drawn copy of a rendered scene (uint8 [S, S, 3]), on a grid of ``cell``-pixel cells:
+    about half of each shape's cells fade toward the background (a fifth vanish), two to five
+    stray cells of a shape's colour appear within three cells of it, and every pixel gets noise."""
+    gen = np.random.default_rng(rng.getrandbits(63))
+    out = image.astype(np.float32)
+    white = np.asarray(scenes.BACKGROUND, np.float32)
+    n = image.shape[0] // cell
+    cells = out.reshape(n, cell, n, cell, 3)  # a view: edits go to ``out``
+    ink = (np.abs(cells - white).sum(-1) > 30).any(axis=(1, 3))  # cells that touch a shape
+    for r, c in zip(*np.nonzero(ink)):
+        u = gen.random()
+        if u < 0.2:
+            cells[r, :, c] = white
+        elif u < 0.5:
+            cells[r, :, c] = 0.5 * cells[r, :, c] + 0.5 * white
+    inked = list(zip(*np.nonzero(ink)))
+    for _ in range(gen.integers(2, 6) if inked else 0):
+        r0, c0 = inked[gen.integers(len(inked))]
+        colour = image.reshape(n, cell, n, cell, 3)[r0, :, c0].reshape(-1, 3)
+        colour = colour[np.abs(colour.astype(np.float32) - white).sum(-1) > 30]
+        r, c = np.clip([r0 + gen.integers(-3, 4), c0 + gen.integers(-3, 4)], 0, n - 1)
+        if len(colour) and not ink[r, c]:
+            cells[r, :, c] = colour[0].astype(np.float32)
+    out += gen.normal(0.0, 12.0, out.shape)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def _replaced(objects: Sequence[scenes.SceneObject], i: int, **changes) -> list[scenes.SceneObject]:
     out = list(objects)
     out[i] = dataclasses.replace(out[i], **changes)
@@ -382,6 +427,9 @@ class World:
                 defect = _DEFECT_MAKERS[kind](spec, plan, objects, group_of, cfg, rng)
                 if defect is not None:
                     break
+        if defect is None and cfg.quality_prob > 0 and rng.random() < cfg.quality_prob:
+            defect = _quality_defect()
+            defect.objects.extend(objects)
         if defect is None:
             think2 = text.reflection(text.fill("correct"), text.fill("correct_improvement"),
                                      text.fill("correct_guidance").split("\n"), body)
@@ -394,7 +442,14 @@ class World:
 
     def record(self, traj: Trajectory) -> TrajectoryRecord:
         image2 = scenes.png_bytes(scenes.render_scene(traj.objects, self.cfg.size))
-        image1 = image2 if traj.defect is None else scenes.png_bytes(scenes.render_scene(traj.objects1, self.cfg.size))
+        if traj.defect is None:
+            image1 = image2
+        elif traj.defect["type"] == "quality":
+            drawn = np.asarray(scenes.render_scene(traj.objects1, self.cfg.size))
+            rng = random.Random(f"irg-synthetic/{self.seed}/{traj.index}/quality")
+            image1 = scenes.png_bytes(Image.fromarray(blotchy(drawn, rng)))
+        else:
+            image1 = scenes.png_bytes(scenes.render_scene(traj.objects1, self.cfg.size))
         metadata = {
             "index": traj.index, "category": traj.spec.category, "constraints": traj.spec.to_json(),
             "plan": [dataclasses.asdict(g) for g in traj.plan], "defect": traj.defect,
@@ -473,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32, help=f"image side in pixels ({scenes.MIN_CANVAS}..{scenes.MAX_CANVAS})")
     p.add_argument("--heldout", type=int, default=120, help="number of held-out prompt lines (0: none held out)")
     p.add_argument("--defect-prob", type=float, default=0.5)
+    p.add_argument("--quality-prob", type=float, default=0.0,
+                   help="share of defect-free trajectories whose image 1 is drawn blotchy (fixed by turn 2)")
     p.add_argument("--jitter", type=float, default=WorldConfig.jitter,
                    help="largest shift of an object from its cell's centre, as a share of the canvas")
     p.add_argument("--colours", default=",".join(scenes.DEFAULT_COLOURS),
@@ -484,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record-images", action="store_true", help="leave base64 images out of records.jsonl")
     args = p.parse_args(argv)
     cfg = WorldConfig(size=args.size, colours=tuple(c.strip() for c in args.colours.split(",") if c.strip()),
-                      defect_prob=args.defect_prob, jitter=args.jitter, initial_image_source=args.initial_image,
+                      defect_prob=args.defect_prob, jitter=args.jitter, quality_prob=args.quality_prob, initial_image_source=args.initial_image,
                       system_prompt=text.SYSTEM_PROMPT_SHORT if args.system_prompt == "short" else text.SYSTEM_PROMPT_FULL)
     summary = generate(args.out, args.num, args.seed, cfg, heldout=args.heldout,
                        rows_per_group=args.rows_per_group, record_images=not args.no_record_images)

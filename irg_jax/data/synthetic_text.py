@@ -54,6 +54,9 @@ TEMPLATES = {
     "position_improvement": "- the {colour} {shape} must be {expected} the {other_colour} {other_shape} .",
     "position_guidance": "1. swap the places of the {colour} {shape} and the {other_colour} {other_shape} .",
     "keep_rest": "{step}. keep everything else unchanged .",
+    "quality": "the image matches the prompt , but the shapes are blotchy and there are stray patches .",
+    "quality_improvement": "- every shape must be one flat colour with sharp edges on a clean background .",
+    "quality_guidance": "1. redraw every shape in one flat colour .\n2. remove the stray patches .",
 }
 
 def wrap_think(body: str) -> str:
