@@ -117,7 +117,7 @@ class _Layout:
     A box sits at its cell's centre shifted by at most ``jitter * canvas`` pixels (0: always centred).
     """
 
-    def __init__(self, canvas: int, rng: random.Random, jitter: float = 0.12):
+    def __init__(self, canvas: int, rng: random.Random, jitter: float):
         self.canvas = canvas
         self.rng = rng
         self.margin = max(1, round(canvas / 32))
@@ -313,11 +313,10 @@ def _count_defect(spec, plan, objects, group_of, cfg, rng) -> _Defect | None:
                    analysis, text.fill("count_improvement", **slots, noun=noun(group.count)), [guidance])
 
 
-def _quality_defect() -> _Defect:
+def _quality_defect(objects: Sequence[scenes.SceneObject]) -> _Defect:
     """Image 1 shows the right scene, drawn badly (the objects are unchanged; :func:`blotchy` draws it)."""
-    guidance = text.fill("quality_guidance").split("\n")
-    return _Defect([], {"type": "quality", "detail": "blotchy"}, text.fill("quality"),
-                   text.fill("quality_improvement"), guidance)
+    return _Defect(list(objects), {"type": "quality", "detail": "blotchy"}, text.fill("quality"),
+                   text.fill("quality_improvement"), text.fill("quality_guidance").split("\n"))
 
 
 def blotchy(image: np.ndarray, rng: random.Random, cell: int = 4) -> np.ndarray:
@@ -329,7 +328,8 @@ def blotchy(image: np.ndarray, rng: random.Random, cell: int = 4) -> np.ndarray:
     white = np.asarray(scenes.BACKGROUND, np.float32)
     n = image.shape[0] // cell
     cells = out.reshape(n, cell, n, cell, 3)  # a view: edits go to ``out``
-    ink = (np.abs(cells - white).sum(-1) > 30).any(axis=(1, 3))  # cells that touch a shape
+    inked_px = np.abs(image.astype(np.float32) - white).sum(-1).reshape(n, cell, n, cell) > 30
+    ink = inked_px.any(axis=(1, 3))  # cells that touch a shape
     for r, c in zip(*np.nonzero(ink)):
         u = gen.random()
         if u < 0.2:
@@ -339,8 +339,7 @@ def blotchy(image: np.ndarray, rng: random.Random, cell: int = 4) -> np.ndarray:
     inked = list(zip(*np.nonzero(ink)))
     for _ in range(gen.integers(2, 6) if inked else 0):
         r0, c0 = inked[gen.integers(len(inked))]
-        colour = image.reshape(n, cell, n, cell, 3)[r0, :, c0].reshape(-1, 3)
-        colour = colour[np.abs(colour.astype(np.float32) - white).sum(-1) > 30]
+        colour = image.reshape(n, cell, n, cell, 3)[r0, :, c0][inked_px[r0, :, c0]]
         r, c = np.clip([r0 + gen.integers(-3, 4), c0 + gen.integers(-3, 4)], 0, n - 1)
         if len(colour) and not ink[r, c]:
             cells[r, :, c] = colour[0].astype(np.float32)
@@ -428,8 +427,7 @@ class World:
                 if defect is not None:
                     break
         if defect is None and cfg.quality_prob > 0 and rng.random() < cfg.quality_prob:
-            defect = _quality_defect()
-            defect.objects.extend(objects)
+            defect = _quality_defect(objects)
         if defect is None:
             think2 = text.reflection(text.fill("correct"), text.fill("correct_improvement"),
                                      text.fill("correct_guidance").split("\n"), body)
@@ -442,14 +440,13 @@ class World:
 
     def record(self, traj: Trajectory) -> TrajectoryRecord:
         image2 = scenes.png_bytes(scenes.render_scene(traj.objects, self.cfg.size))
-        if traj.defect is None:
-            image1 = image2
-        elif traj.defect["type"] == "quality":
-            drawn = np.asarray(scenes.render_scene(traj.objects1, self.cfg.size))
-            rng = random.Random(f"irg-synthetic/{self.seed}/{traj.index}/quality")
-            image1 = scenes.png_bytes(Image.fromarray(blotchy(drawn, rng)))
-        else:
-            image1 = scenes.png_bytes(scenes.render_scene(traj.objects1, self.cfg.size))
+        image1 = image2
+        if traj.defect is not None:
+            drawn = scenes.render_scene(traj.objects1, self.cfg.size)
+            if traj.defect["type"] == "quality":
+                rng = random.Random(f"irg-synthetic/{self.seed}/{traj.index}/quality")
+                drawn = Image.fromarray(blotchy(np.asarray(drawn), rng))
+            image1 = scenes.png_bytes(drawn)
         metadata = {
             "index": traj.index, "category": traj.spec.category, "constraints": traj.spec.to_json(),
             "plan": [dataclasses.asdict(g) for g in traj.plan], "defect": traj.defect,
@@ -541,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record-images", action="store_true", help="leave base64 images out of records.jsonl")
     args = p.parse_args(argv)
     cfg = WorldConfig(size=args.size, colours=tuple(c.strip() for c in args.colours.split(",") if c.strip()),
-                      defect_prob=args.defect_prob, jitter=args.jitter, quality_prob=args.quality_prob, initial_image_source=args.initial_image,
+                      defect_prob=args.defect_prob, jitter=args.jitter, quality_prob=args.quality_prob,
+                      initial_image_source=args.initial_image,
                       system_prompt=text.SYSTEM_PROMPT_SHORT if args.system_prompt == "short" else text.SYSTEM_PROMPT_FULL)
     summary = generate(args.out, args.num, args.seed, cfg, heldout=args.heldout,
                        rows_per_group=args.rows_per_group, record_images=not args.no_record_images)
