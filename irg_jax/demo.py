@@ -6,11 +6,13 @@ It runs the project's real entry points one after the other, each as its own pro
 
 1. ``irg_jax.data.synthetic``   the synthetic world (six IRGL mode datasets + held-out prompts);
 2. ``irg_jax.train`` stage 1    (configs/irgl_stage1.py:demo) — all six learning modes;
-3. ``irg_jax.train`` stage 2    (configs/irgl_stage2.py:demo, init_from the stage-1 run);
-4. ``irg_jax.train`` 0 steps    the untrained baseline (the initial parameters, exported);
-5. ``irg_jax.generate``         the IRG loop (think, image 1, reflection, image 2) on held-out
+3. ``irg_jax.data.own_images``  the stage-1 model draws image 1 of the first trajectories itself
+                                (given their think 1); the verifier's findings become the reflection;
+4. ``irg_jax.train`` stage 2    (configs/irgl_stage2.py:demo on that data, init_from the stage-1 run);
+5. ``irg_jax.train`` 0 steps    the untrained baseline (the initial parameters, exported);
+6. ``irg_jax.generate``         the IRG loop (think, image 1, reflection, image 2) on held-out
                                 prompts, for the trained and the untrained model;
-6. ``irg_jax.verify``           verifier accuracy of turn 1 and turn 2.
+7. ``irg_jax.verify``           verifier accuracy of turn 1 and turn 2.
 
 DIR then holds ``report.md``, ``report.json`` and ``grid.png`` (prompt, think 1, image 1,
 reflection, image 2 per row). Re-running resumes: finished stages are skipped (training
@@ -40,6 +42,7 @@ class DemoPlan:
     prompts: int            # held-out prompts scored (the world holds 120)
     flow_steps: int         # Euler steps per image
     max_think_tokens: int   # longest think / reflection decoded
+    own_images: int         # trajectories whose image 1 the stage-1 model draws for stage 2
     jitter: float = 0.0     # world: objects sit at their cell's centre (the image follows from the plan)
     # world: share of defect-free first images drawn blotchy. 0: with 0.5 the reflections did name
     # the model's own blotchy images, but turn 2 fell to 0.108 from turn 1 0.158 (seed 0).
@@ -51,9 +54,9 @@ class DemoPlan:
 
 
 FULL = DemoPlan(trajectories=4000, stage1_steps=400, stage2_steps=250, prompts=120, flow_steps=25,
-                max_think_tokens=160)
+                max_think_tokens=160, own_images=2000)
 QUICK = DemoPlan(trajectories=800, stage1_steps=40, stage2_steps=15, prompts=24, flow_steps=10,
-                 max_think_tokens=160)
+                 max_think_tokens=160, own_images=64)
 
 
 class Stage:
@@ -161,6 +164,11 @@ def write_report(workdir: pathlib.Path, report: dict) -> None:
             lines.append(f"| {stage} | {m['last']['step']} | {m['first']['ce']:.3f} / {m['first']['mse']:.3f} | "
                          f"{m['last']['ce']:.3f} / {m['last']['mse']:.3f} | {m['last'].get('step_time', 0):.2f} | "
                          f"{report['timings_s'].get(stage, 0):.0f} s |")
+    own = report["own_images"]
+    lines += ["", f"Stage-2 data: the stage-1 model drew image 1 of {own['drawn']} training trajectories "
+              f"(given their think 1); the verifier passed {own['passed']} ({own['pass_rate']:.1%}). "
+              "Reflections written from its findings: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(own["findings"].items())) + "."]
     lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in report["timings_s"].items()]
     lines += ["", "## Examples", "", "![grid](grid.png)", "",
@@ -196,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     s1, s2, untrained = work / "stage1", work / "stage2", work / "untrained"
     stage.run("stage1", "irg_jax.train", train_args(1, world, s1, plan.stage1_steps, args.seed),
               done=s1 / "export" / "export.json")
-    stage.run("stage2", "irg_jax.train", train_args(2, world, s2, plan.stage2_steps, args.seed, init_from=s1),
+    own = work / "world_own"
+    stage.run("own_images", "irg_jax.data.own_images",
+              ["--world", str(world), "--checkpoint", str(s1 / "export"), "--out", str(own),
+               "--num", str(plan.own_images), "--seed", str(args.seed), "--num_steps", str(plan.flow_steps),
+               "--timestep_shift", str(plan.timestep_shift)],
+              done=own / "world.json")
+    stage.run("stage2", "irg_jax.train", train_args(2, own, s2, plan.stage2_steps, args.seed, init_from=s1),
               done=s2 / "export" / "export.json")
     stage.run("untrained", "irg_jax.train", train_args(1, world, untrained, 0, args.seed),
               done=untrained / "export" / "export.json")
@@ -223,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_prompts": len(held_out), "accuracy": accuracy,
         "margin_turn2_minus_turn1": t["turn2"]["overall"] - t["turn1"]["overall"],
         "training": {"stage1": _final_metrics(s1), "stage2": _final_metrics(s2)},
+        "own_images": json.loads((own / "world.json").read_text())["own_images"],
         "timings_s": {**stage.timings, "total": round(time.time() - t_start, 1)},
     }
     write_report(work, report)

@@ -161,3 +161,22 @@ def test_irg_loop_feeds_the_image_back_and_compiles_once_per_bucket(program, mod
     # a new batch size is a new bucket (traced and lowered only: compiling it would add nothing)
     program.lower(static, dyn, *_inputs(cfg, [[1], [2]]), irg_loop.row_keys_for(6, [0, 1]))
     assert program.num_traces == 2
+
+
+def test_a_given_think1_is_prefilled_like_the_sampled_one(program, model):
+    cfg = model.cfg
+    icfg = irg_loop.InferenceConfig(image_size=(32, 32), num_steps=3, max_think_tokens=5, temperature=0.0,
+                                    num_refinements=0)
+    static, dyn = icfg.static(), icfg.dynamic()
+    inputs, keys = _inputs(cfg, [[40, 41], [7, 8, 9]]), irg_loop.row_keys_for(0, [0, 1])
+    (sampled,) = irg_loop.as_host(program(static, dyn, *inputs, keys))
+    seg, seg_len = irg_loop.canonical_segment(sampled["think"], cfg.special_ids.bos, cfg.special_ids.eos)
+    (given,) = irg_loop.as_host(program(static, dyn, *inputs, keys, (seg, seg_len)))
+    np.testing.assert_array_equal(given["think"].ids, sampled["think"].ids)
+    np.testing.assert_array_equal(given["think"].length, sampled["think"].length)
+    np.testing.assert_allclose(given["latents"], sampled["latents"], atol=1e-4)  # same context, same noise
+
+    other = np.asarray(seg).copy()
+    other[:, 1] = (other[:, 1] + 1) % (cfg.special_ids.bos - 1)  # another first word
+    (changed,) = irg_loop.as_host(program(static, dyn, *inputs, keys, (other, seg_len)))
+    assert np.abs(changed["latents"] - sampled["latents"]).max() > 1e-3, "image 1 ignores the given think"

@@ -57,6 +57,16 @@ TEMPLATES = {
     "quality": "the image matches the prompt , but the shapes are blotchy and there are stray patches .",
     "quality_improvement": "- every shape must be one flat colour with sharp edges on a clean background .",
     "quality_guidance": "1. redraw every shape in one flat colour .\n2. remove the stray patches .",
+    # Reflections on the model's own first images (irg_jax.data.own_images), from the verifier's findings.
+    "own_too_few": "the image shows too few {plural} .",
+    "own_too_many": "the image shows too many {plural} .",
+    "own_missing": "the {words} is missing .",
+    "own_missing_group": "some {words} are missing .",
+    "own_position": "the {first} is not {relation} the {second} .",
+    "own_blotchy": "the shapes are blotchy and there are stray patches .",
+    "own_mismatch": "the image does not match the prompt .",
+    "own_improvement": "- draw exactly what the final prompt says , every shape in one flat colour with sharp edges .",
+    "own_guidance": "1. redraw the image from the final prompt .\n2. remove the stray patches .",
 }
 
 def wrap_think(body: str) -> str:

@@ -114,8 +114,11 @@ class Trajectory(NamedTuple):
 
 def sample(noise: jax.Array, *, num_steps: int, shift, num_branches: int, velocity_all: VelocityFn,
            velocity_cond: VelocityFn | None = None, guidance: Guidance | None = None,
-           renorm_type: str = "global", record: bool = False):
+           renorm_type: str = "global", record: bool = False, t_start=1.0):
     """Integrate from ``noise`` (x at t = 1, [B, N, D]) to t = 0; returns x (float32) [and a Trajectory].
+
+    ``t_start`` < 1 (traced) starts later: ``noise`` is then x at ``t_start`` and the shifted
+    schedule is scaled into [0, t_start] (same number of steps).
 
     ``num_branches`` (static) is 1 (no guidance), 2 (text) or 3 (text and image).
     ``velocity_all(x_tiled [K*B, N, D], t [K*B])`` evaluates all K branches in one forward;
@@ -127,7 +130,7 @@ def sample(noise: jax.Array, *, num_steps: int, shift, num_branches: int, veloci
     if num_branches > 1 and guidance is None:
         raise ValueError("guidance settings are required with more than one branch")
     b = noise.shape[0]
-    schedule = timesteps(num_steps, shift)
+    schedule = timesteps(num_steps, shift) * jnp.asarray(t_start, jnp.float32)
 
     def cond_only(x, t_rows):
         if velocity_cond is not None:

@@ -3,7 +3,7 @@
 For a batch of prompts (one cache row each):
 
     cond <- [SYS]                        turn-1 text-uncond context = this prefix
-    cond <- [SYS, P];  T1 sampled into cond (canonical [bos] T1 [eos])
+    cond <- [SYS, P];  T1 sampled into cond (canonical [bos] T1 [eos]), or prefilled when given
     I1 = flow(cond, text-uncond [SYS]; cfg_text 4, interval (0.4, 1], global renorm)
     for each refinement round r = 1 .. R (IRG: R = 1):
         cond <- I_r as clean VAE image (t = 0) and as ViT image   (decoded, re-encoded)
@@ -12,6 +12,8 @@ For a batch of prompts (one cache row each):
         img-uncond = cond before I_r, plus [bos] T_{r+1} [eos]   (no image I_r)
         I_{r+1} = flow(cond, text-uncond, img-uncond; cfg_text 4, cfg_img 2, interval (0, 1],
                        text_channel renorm)
+        (IRG starts I_{r+1} from noise at t = 1; ``refine_start`` s < 1 starts it from
+        s·noise + (1 − s)·latents(I_r) at t = s instead, a restart of the previous image.)
 
 Text-unconditional contexts are prefixes of the conditional cache, so they are the same
 arrays with a shorter length (no copy until the branches are stacked for the sampler).
@@ -63,6 +65,7 @@ class InferenceConfig:
     turn1: TurnGuidance = TurnGuidance(4.0, 1.0, (0.4, 1.0), "global")
     refine: TurnGuidance = TurnGuidance(4.0, 2.0, (0.0, 1.0), "text_channel")
     renorm_min: float = 0.0
+    refine_start: float = 1.0                    # t where a refined image starts (1: from noise, IRG)
     num_refinements: int = 1
     system_prompt: str = SYSTEM_PROMPT_FULL
     vit_max_size: int | None = None              # ViT copy: IRG's 980 / 224, capped at the model's table
@@ -72,6 +75,8 @@ class InferenceConfig:
         for name, turn in (("turn1", self.turn1), ("refine", self.refine)):
             if turn.renorm not in flow.RENORM_TYPES:
                 raise ValueError(f"InferenceConfig.{name}.renorm={turn.renorm!r}: expected one of {flow.RENORM_TYPES}")
+        if not 0.0 < self.refine_start <= 1.0:
+            raise ValueError(f"refine_start must be in (0, 1], got {self.refine_start}")
         if self.num_refinements < 0:
             raise ValueError(f"num_refinements must be >= 0, got {self.num_refinements}")
 
@@ -86,7 +91,8 @@ class InferenceConfig:
             turn1=flow.Guidance.make(self.turn1.text_scale, self.turn1.img_scale, self.turn1.interval,
                                      self.renorm_min),
             refine=flow.Guidance.make(self.refine.text_scale, self.refine.img_scale, self.refine.interval,
-                                      self.renorm_min))
+                                      self.renorm_min),
+            refine_start=jnp.float32(self.refine_start))
 
 
 class StaticSettings(NamedTuple):
@@ -107,6 +113,7 @@ class DynamicSettings(NamedTuple):
     timestep_shift: jax.Array
     turn1: flow.Guidance
     refine: flow.Guidance
+    refine_start: jax.Array
 
 
 class Turn(NamedTuple):
@@ -148,7 +155,7 @@ def canonical_segment(gen: Generated, bos: int, eos: int) -> tuple[jax.Array, ja
 
 
 def generate_latents(model, branches: list[KVCache], noise: jax.Array, pos_ids: jax.Array, *, num_steps: int,
-                     shift, guidance: flow.Guidance, renorm_type: str, record: bool = False):
+                     shift, guidance: flow.Guidance, renorm_type: str, record: bool = False, t_start=1.0):
     """Sample latent tokens [B, N, D_lat] against 1-3 contexts [cond, text-uncond, img-uncond]."""
     stacked = stack_branches(branches)
     k = len(branches)
@@ -161,7 +168,8 @@ def generate_latents(model, branches: list[KVCache], noise: jax.Array, pos_ids: 
         return kv_cache.query_noisy_latents(model, branches[0], x, t, pos_ids)
 
     return flow.sample(noise, num_steps=num_steps, shift=shift, num_branches=k, velocity_all=velocity_all,
-                       velocity_cond=velocity_cond, guidance=guidance, renorm_type=renorm_type, record=record)
+                       velocity_cond=velocity_cond, guidance=guidance, renorm_type=renorm_type, record=record,
+                       t_start=t_start)
 
 
 def _row_keys(keys: jax.Array, purpose: int) -> jax.Array:
@@ -174,12 +182,26 @@ def _row_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 # ------------------------------------------------------------------------------ the loop
 
+def given_think(model_cfg, seg_ids: jax.Array, seg_len: jax.Array, max_tokens: int) -> Generated:
+    """A think supplied as ``[bos] ids [eos]`` segments, shaped like a sampled one."""
+    body = seg_ids[:, 1:max_tokens]
+    length = seg_len - 2
+    body = jnp.where(jnp.arange(body.shape[1])[None] < length[:, None], body, 0)
+    body = jnp.pad(body, ((0, 0), (0, max_tokens - 1 - body.shape[1])))
+    b = seg_ids.shape[0]
+    return Generated(body.astype(jnp.int32), length.astype(jnp.int32), jnp.ones((b,), bool),
+                     jnp.zeros((b, model_cfg.llm.vocab_size), jnp.float32))
+
+
 def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: jax.Array, sys_len: jax.Array,
-             prompt_ids: jax.Array, prompt_len: jax.Array, row_keys: jax.Array) -> list[Turn]:
+             prompt_ids: jax.Array, prompt_len: jax.Array, row_keys: jax.Array,
+             think1: tuple[jax.Array, jax.Array] | None = None) -> list[Turn]:
     """Run think -> image -> (feedback -> reflection -> image) x R for a batch; returns R + 1 turns.
 
     ``sys_ids`` / ``prompt_ids`` [B, width] hold full ``[bos] ids [eos]`` segments,
     right-padded, with lengths ``sys_len`` / ``prompt_len``; ``row_keys`` [B] PRNG keys.
+    ``think1`` (optional): given think-1 segments (ids [B, width], lengths [B]) in the same
+    form, prefilled instead of sampled (teacher forcing, e.g. to draw a record's plan).
     """
     cfg = model.cfg
     b = sys_ids.shape[0]
@@ -195,8 +217,12 @@ def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: j
     cond, _ = kv_cache.append_text(model, cond, sys_ids, sys_len)
     text_uncond = prefix_view(cond, cond.length, cond.rope)
     cond, _ = kv_cache.append_text(model, cond, prompt_ids, prompt_len)
-    cond, think = generate_segment(model, cond, _row_keys(row_keys, 0), max_tokens=static.max_think_tokens,
-                                   settings=text)
+    if think1 is None:
+        cond, think = generate_segment(model, cond, _row_keys(row_keys, 0), max_tokens=static.max_think_tokens,
+                                       settings=text)
+    else:
+        cond, _ = kv_cache.append_text(model, cond, *think1)
+        think = given_think(cfg, *think1, static.max_think_tokens)
     text_uncond = prefix_view(cond, text_uncond.length, text_uncond.rope)
     noise = _row_normal(_row_keys(row_keys, 1), (grid.num_latent_tokens, d_lat))
     guidance, renorm = dyn.turn1, static.turn1_renorm
@@ -219,9 +245,10 @@ def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: j
         seg, seg_len = canonical_segment(think, cfg.special_ids.bos, cfg.special_ids.eos)
         img_uncond, _ = kv_cache.append_text(model, before_image, seg, seg_len)
         noise = _row_normal(_row_keys(row_keys, 10 * r + 1), (grid.num_latent_tokens, d_lat))
-        latents = generate_latents(model, [cond, text_uncond, img_uncond], noise, lat_pos,
-                                   num_steps=static.num_steps, shift=dyn.timestep_shift, guidance=dyn.refine,
-                                   renorm_type=static.refine_renorm)
+        start = dyn.refine_start
+        latents = generate_latents(model, [cond, text_uncond, img_uncond], start * noise + (1.0 - start) * latents,
+                                   lat_pos, num_steps=static.num_steps, shift=dyn.timestep_shift,
+                                   guidance=dyn.refine, renorm_type=static.refine_renorm, t_start=start)
         image = feedback.to_uint8(feedback.decode_latents(ae, latents, grid, cfg))
         turns.append(Turn(think, image, latents))
     return turns
@@ -244,16 +271,16 @@ class IRGProgram:
         self._jitted = jax.jit(self._run, static_argnums=(0,))
 
     def _run(self, static: StaticSettings, model_state, ae_state, dyn, sys_ids, sys_len, prompt_ids, prompt_len,
-             row_keys):
+             row_keys, think1=None):
         self.num_traces += 1  # runs at trace time only
         model = nnx.merge(self.model_graph, model_state)
         ae = nnx.merge(self.ae_graph, ae_state)
-        return irg_loop(model, ae, static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys)
+        return irg_loop(model, ae, static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
 
     def __call__(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len,
-                 row_keys) -> list[Turn]:
+                 row_keys, think1=None) -> list[Turn]:
         return self._jitted(static, self.model_state, self.ae_state, dyn, sys_ids, sys_len, prompt_ids, prompt_len,
-                            row_keys)
+                            row_keys, think1)
 
     def lower(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len, row_keys):
         """Trace and lower without running (``.compile()`` the result to build the executable)."""

@@ -102,8 +102,13 @@ class IRGRunner:
         self.sys_ids = np.repeat(sys_ids, batch_size, 0)
         self.sys_len = np.repeat(sys_len, batch_size, 0)
 
-    def run_batch(self, prompts: Sequence[str], row_ids: Sequence[int], seed: int) -> list[PromptResult]:
-        """At most ``batch_size`` prompts -> one result each (the batch is padded internally)."""
+    def run_batch(self, prompts: Sequence[str], row_ids: Sequence[int], seed: int,
+                  thinks: Sequence[str] | None = None) -> list[PromptResult]:
+        """At most ``batch_size`` prompts -> one result each (the batch is padded internally).
+
+        ``thinks``: one given think-1 text per prompt (written as in the training data), which
+        the model draws from instead of a think it samples.
+        """
         n = len(prompts)
         if not 0 < n <= self.batch_size or len(row_ids) != n:
             raise ValueError(f"run_batch takes 1..{self.batch_size} prompts with one row id each, got "
@@ -112,8 +117,14 @@ class IRGRunner:
         texts = list(prompts) + [prompts[-1]] * pad
         ids = list(row_ids) + [row_ids[-1]] * pad
         p_ids, p_len = irg_loop.encode_segments(self.tokenizer, texts, self.config.max_prompt_tokens + 2)
+        think1 = None
+        if thinks is not None:
+            if len(thinks) != n:
+                raise ValueError(f"run_batch: {len(thinks)} given thinks for {n} prompts")
+            think1 = irg_loop.encode_segments(self.tokenizer, list(thinks) + [thinks[-1]] * pad,
+                                              self.static.max_think_tokens + 1, "given think")
         turns = self.program(self.static, self.dynamic, self.sys_ids, self.sys_len, p_ids, p_len,
-                             irg_loop.row_keys_for(seed, ids))
+                             irg_loop.row_keys_for(seed, ids), think1)
         turns = jax.device_get(turns)
         results = []
         for i in range(n):
@@ -126,15 +137,16 @@ class IRGRunner:
         return results
 
     def run(self, prompts: Sequence[str], seed: int, row_ids: Sequence[int] | None = None,
-            progress: bool = True) -> Iterator[list[PromptResult]]:
-        """Yield one list of results per batch, in prompt order."""
+            progress: bool = True, thinks: Sequence[str] | None = None) -> Iterator[list[PromptResult]]:
+        """Yield one list of results per batch, in prompt order (``thinks``: see :meth:`run_batch`)."""
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         starts = range(0, len(prompts), self.batch_size)
         if progress:
             from tqdm import tqdm
             starts = tqdm(starts, desc="IRG batches", unit="batch")
         for s in starts:
-            yield self.run_batch(prompts[s:s + self.batch_size], row_ids[s:s + self.batch_size], seed)
+            chunk = slice(s, s + self.batch_size)
+            yield self.run_batch(prompts[chunk], row_ids[chunk], seed, None if thinks is None else thinks[chunk])
 
 
 def from_checkpoint(directory: str | os.PathLike, config: irg_loop.InferenceConfig, batch_size: int,
