@@ -54,6 +54,26 @@ def test_sampler_recovers_a_point_target_exactly():
     np.testing.assert_allclose(out, x0, atol=1e-5)
 
 
+def test_a_late_start_integrates_from_t_start_on_the_scaled_schedule():
+    """Started at t = s from s*noise + (1-s)*x0 (turn 2 restarting image 1), the point-target field
+    still lands on x0, the first step is at t = s, and s = 1 is the default schedule."""
+    x0 = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3)), jnp.float32)
+    x1 = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 3)), jnp.float32)
+    velocity = lambda x, t: (x - x0) / t[:, None, None]  # noqa: E731
+
+    def run(s):
+        return flow.sample(s * x1 + (1 - s) * x0, num_steps=6, shift=3.0, num_branches=1, velocity_all=velocity,
+                           record=True, t_start=s)
+
+    out, traj = jax.jit(run)(0.6)
+    np.testing.assert_allclose(out, x0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(traj.t), 0.6 * np.asarray(flow.timesteps(6, 3.0))[:-1], rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(run)(1.0)[0], _run(velocity, x1, 6, 3.0), atol=1e-6)
+    from irg_jax.inference.irg_loop import InferenceConfig
+    with pytest.raises(ValueError, match="refine_start"):
+        InferenceConfig(refine_start=0.0)
+
+
 def test_sampler_integrates_the_gaussian_flow():
     """Data N(m, s^2), noise N(0, 1): the flow ODE maps eps to m + s eps. Its velocity is
     E[eps - x0 | x_t] = -m + (t - (1-t) s^2) / ((1-t)^2 s^2 + t^2) (x - (1-t) m)."""
