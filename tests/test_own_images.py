@@ -39,7 +39,7 @@ def test_a_correct_image_gets_the_already_matches_reflection():
     verdict = verify_image(t.spec.text, _render(t.objects))
     assert verdict.passed and own_images.findings(verdict) == {}
     body = own_images.plan_body(t.think1)
-    assert own_images.own_reflection(t.think1, verdict) == t.think2  # the world's own no-defect reflection
+    assert own_images.own_reflection(t.think1, {}) == t.think2  # the world's own no-defect reflection
     assert t.think2.endswith(f"{SECTION_FINAL_PROMPT}\n{body} </think>")
 
 
@@ -67,7 +67,7 @@ def test_findings_name_what_the_verifier_saw():
     found = own_images.findings(verify_image(t.spec.text, blob))
     assert set(found) == {"own_too_many", "own_blotchy"}, found
 
-    reflection = own_images.own_reflection(t.think1, verify_image(t.spec.text, blob))
+    reflection = own_images.own_reflection(t.think1, found)
     assert set(reflection.split()) <= _vocab(), set(reflection.split()) - _vocab()
     assert reflection.endswith(f"{own_images.plan_body(t.think1)} </think>")
 

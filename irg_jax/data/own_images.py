@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import io
 import json
 import pathlib
 import shutil
@@ -77,21 +76,15 @@ def findings(verdict: Verdict) -> dict[str, str]:
     return sentences or {"own_mismatch": text.fill("own_mismatch")}
 
 
-def own_reflection(think1: str, verdict: Verdict) -> str:
-    """The four-section reflection on a model-drawn image 1; its final prompt repeats the plan."""
+def own_reflection(think1: str, found: dict[str, str]) -> str:
+    """The four-section reflection on a model-drawn image 1 with :func:`findings` ``found``;
+    its final prompt repeats the plan."""
     body = plan_body(think1)
-    found = findings(verdict)
     if not found:
         return text.reflection(text.fill("correct"), text.fill("correct_improvement"),
                                text.fill("correct_guidance").split("\n"), body)
     return text.reflection(" ".join(found.values()), text.fill("own_improvement"), text.fill("own_guidance").split("\n"),
                            body)
-
-
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @dataclasses.dataclass
@@ -116,12 +109,13 @@ def redraw_records(runner, records: Sequence[TrajectoryRecord], parser: ParserCo
         for record, result in zip(records[start:start + len(batch)], batch):
             image = result.turns[0].image
             verdict = verify_image(record.prompt, image, parser)
+            found = findings(verdict)
             summary.drawn += 1
             summary.passed += verdict.passed
-            summary.findings.update(list(findings(verdict)))
+            summary.findings.update(list(found))
             meta = {**record.metadata, "image1_source": "model", "image1_verdict": verdict.to_json()}
-            out.append(dataclasses.replace(record, image1=png_bytes(image), think2=own_reflection(record.think1, verdict),
-                                           metadata=meta))
+            out.append(dataclasses.replace(record, image1=scenes.png_bytes(Image.fromarray(image)),
+                                           think2=own_reflection(record.think1, found), metadata=meta))
         start += len(batch)
     return out
 
