@@ -70,8 +70,8 @@ def inference_config(args, model_cfg) -> InferenceConfig:
         turn1=TurnGuidance(args.cfg_text, 1.0, tuple(args.cfg_interval), args.cfg_renorm),
         refine=TurnGuidance(args.refine_cfg_text, args.refine_cfg_img, tuple(args.refine_cfg_interval),
                             args.refine_cfg_renorm),
-        renorm_min=args.cfg_renorm_min, refine_start=args.refine_start, num_refinements=args.num_refinements, system_prompt=system,
-        vit_max_size=args.vit_max_size, vit_min_size=args.vit_min_size)
+        renorm_min=args.cfg_renorm_min, refine_start=args.refine_start, num_refinements=args.num_refinements,
+        system_prompt=system, vit_max_size=args.vit_max_size, vit_min_size=args.vit_min_size)
 
 
 def build_runner(args):

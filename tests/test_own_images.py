@@ -1,4 +1,5 @@
 """Improving data from the model's own first images: reflections from the verifier, the rewritten world."""
+import base64
 import dataclasses
 import io
 import json
@@ -23,7 +24,8 @@ CFG = WorldConfig(jitter=0.0)
 
 
 def _trajectory(category: str, world=World(CFG, seed=3)):
-    return next(t for t in (world.trajectory(i) for i in range(200)) if t.spec.category == category and t.defect is None)
+    return next(t for t in (world.trajectory(i) for i in range(200))
+                if t.spec.category == category and t.defect is None)
 
 
 def _render(objects) -> np.ndarray:
@@ -109,7 +111,7 @@ def test_build_rewrites_the_first_trajectories_with_the_models_images(tmp_path):
     rows = pq.read_table(out / "improving_full_learning" / "part-00000.parquet").column("conversation").to_pylist()
     assert len(rows) == 10 and all((out / m / "part-00000.parquet").exists() for m in MODES)
     parts = json.loads(rows[0])[-1]["content"]
-    image1, image2 = (Image.open(io.BytesIO(__import__("base64").b64decode(p["content"])))
+    image1, image2 = (Image.open(io.BytesIO(base64.b64decode(p["content"])))
                       for p in parts if p["type"] == "image")
     assert np.asarray(image1).shape == (CFG.size, CFG.size, 3)
     assert not np.array_equal(np.asarray(image1), np.asarray(Image.open(io.BytesIO(before[0].image1))))

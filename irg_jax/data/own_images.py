@@ -83,8 +83,8 @@ def own_reflection(think1: str, found: dict[str, str]) -> str:
     if not found:
         return text.reflection(text.fill("correct"), text.fill("correct_improvement"),
                                text.fill("correct_guidance").split("\n"), body)
-    return text.reflection(" ".join(found.values()), text.fill("own_improvement"), text.fill("own_guidance").split("\n"),
-                           body)
+    return text.reflection(" ".join(found.values()), text.fill("own_improvement"),
+                           text.fill("own_guidance").split("\n"), body)
 
 
 @dataclasses.dataclass
