@@ -1,4 +1,5 @@
 """Packing: a two-sample pack against the spec's positions and masks; budgets, overflow, skips."""
+import dataclasses
 import json
 
 import numpy as np
@@ -147,6 +148,36 @@ def test_rebucket_keeps_latent_addresses():
         j, r2 = divmod(int(src_new), 4 * 4)
         assert i == j and divmod(r, 2) == divmod(r2, 4)
     np.testing.assert_array_equal(bigger["vae_images"][:, :48, :32], pack["vae_images"])
+
+
+# prompt, image 1 as context (clean VAE only), reflection, image 2 (target)
+REFINE = sample([user("a"), assistant(image_part(image_b64(32, 32, seed=1), need_vae=True), text_part("two"),
+                                      image_part(image_b64(32, 32, seed=2), need_loss=True))])
+
+
+def test_refinement_bridge_targets_start_from_the_clean_image():
+    rules = dataclasses.replace(RULES, refine_bridge_start=0.5)
+    lp, pack = build([FULL, REFINE], rules=rules)
+    # FULL's target has no clean image before it; REFINE's image 2 follows image 1's clean copy
+    # (not FULL's, which belongs to another sample).
+    assert lp.latent_bridge_image.tolist() == [-1] * 12 + [2] * 4
+    view = logical_view(pack, BUDGETS)
+    assert view["latent_t"].tolist() == pytest.approx([0.8] * 4 + [0.0] * 4 + [0.0] * 4 + [0.4] * 4)
+    assert pack["latent_bridge_w"][:16].tolist() == [0.0] * 12 + [1.0] * 4  # (1 - 0.5) / 0.5
+    # image 2's cell (row, col) starts from image 1's token at the same cell
+    np.testing.assert_array_equal(pack["latent_bridge_src"][12:16], pack["latent_src"][8:12])
+    bigger = rebucket(pack, (64, 64), 16)
+    np.testing.assert_array_equal(bigger["latent_bridge_src"][12:16], bigger["latent_src"][8:12])
+    # the forward's noise eps + w (x_src - x0) puts x_t at t = r on r eps + (1 - r) x_src
+    rng = np.random.default_rng(0)
+    tokens, eps = rng.normal(size=(24, 5)), rng.normal(size=(16, 5))
+    x0, x_src = tokens[pack["latent_src"][:16]], tokens[pack["latent_bridge_src"][:16]]
+    noise = eps + pack["latent_bridge_w"][:16, None] * (x_src - x0)
+    x_r = 0.5 * x0 + 0.5 * noise
+    np.testing.assert_allclose(x_r[12:], 0.5 * eps[12:] + 0.5 * x_src[12:])
+    # off by default: IRG's targets all start from noise
+    lp_off, pack_off = build([FULL, REFINE])
+    assert (lp_off.latent_bridge_image == -1).all() and not pack_off["latent_bridge_w"].any()
 
 
 def assembler(policy, groups, budgets=BUDGETS):

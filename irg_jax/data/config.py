@@ -40,6 +40,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.vit_cond_dropout_prob = 0.0
     c.vae_cond_dropout_prob = 0.3
     c.timestep_shift = 4.0
+    # Refinement bridge (ours; 1 = off, IRG): image 2 trained on the path from image 1 that
+    # inference's ``refine_start`` of the same value follows (see irg_jax.data.packing).
+    c.refine_bridge_start = 1.0
     # Geometry shared with the model.
     c.vae_downsample = 8
     c.latent_patch_size = 2
@@ -76,7 +79,8 @@ def rules_from_config(data, tokenizer) -> PackingRules:
         vit_patch_size=data.vit_patch_size, vae_stride=vae_stride(data), max_latent_size=data.max_latent_size,
         vit_max_patches_per_side=data.vit_max_patches_per_side,
         text_cond_dropout_prob=data.text_cond_dropout_prob, vit_cond_dropout_prob=data.vit_cond_dropout_prob,
-        vae_cond_dropout_prob=data.vae_cond_dropout_prob, timestep_shift=data.timestep_shift)
+        vae_cond_dropout_prob=data.vae_cond_dropout_prob, timestep_shift=data.timestep_shift,
+        refine_bridge_start=data.refine_bridge_start)
 
 
 def policy_from_config(data) -> PackingPolicy:
@@ -115,6 +119,8 @@ def check_data_config(data, model=None, error=ValueError) -> None:
             fail(key, f"must be in [0, 1], got {data[key]}")
     if data.timestep_shift <= 0:
         fail("timestep_shift", "must be positive")
+    if not 0.0 < data.refine_bridge_start <= 1.0:
+        fail("refine_bridge_start", f"must be in (0, 1], got {data.refine_bridge_start}")
     if data.max_num_tokens_per_sample > data.max_num_tokens:
         fail("max_num_tokens_per_sample", "must not exceed max_num_tokens")
     if data.expected_num_tokens > data.max_num_tokens:

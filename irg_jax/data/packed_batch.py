@@ -41,6 +41,9 @@ VAE images, budget ``num_vae_images`` of size ``vae_image_size`` (an image-size 
   latent_pos_ids    int32 [gen_len]  row * max_latent_size + col
   latent_t          f32  [gen_len]   flow time after the shift; 0 for clean images and padding
   latent_noisy      bool [gen_len]   token is a noisy generation target (MSE position)
+  latent_bridge_src int32 [gen_len]  like ``latent_src``, the clean latent a bridged target
+                                     starts from (``packing.py``: refinement bridge); 0 if none
+  latent_bridge_w   f32  [gen_len]   noise = eps + w * (x_bridge - x0); 0 if none
 
 Loss positions (static budgets):
   ce_index   int32 [ce_len]   index into [0, L) of a position that predicts a label
@@ -97,6 +100,8 @@ def array_specs(b: PackBudgets) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         "latent_pos_ids": ((b.gen_len,), i32),
         "latent_t": ((b.gen_len,), f32),
         "latent_noisy": ((b.gen_len,), np.dtype(bool)),
+        "latent_bridge_src": ((b.gen_len,), i32),
+        "latent_bridge_w": ((b.gen_len,), f32),
         "ce_index": ((b.ce_len,), i32),
         "ce_labels": ((b.ce_len,), i32),
         "ce_valid": ((b.ce_len,), np.dtype(bool)),

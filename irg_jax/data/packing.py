@@ -17,6 +17,14 @@ Per sample (rope restarts at 0):
 
 ``latent_t`` stores the flow time after the timestep shift, ``t = s*σ(u) / (1 + (s-1)*σ(u))``
 (0 for clean images); the raw ``u`` is kept on the LogicalPack for comparisons.
+
+Refinement bridge (ours, off by default: ``refine_bridge_start`` r = 1). With r < 1, a noisy
+target that follows a clean VAE image of the same size in its sample (image 2 after the clean
+copy of image 1) is trained on the straight path that inference's ``refine_start = r`` follows:
+its time is scaled to ``r*t`` and its noise becomes ``eps + (1-r)/r * (x_src - x0)``, so that
+at t = r the input is ``r*eps + (1-r)*x_src`` (x_src: the clean image's latent token at the
+same grid cell). ``latent_bridge_image`` names that clean image (-1: none) and
+``latent_bridge_w`` holds ``(1-r)/r`` (0: none).
 """
 from __future__ import annotations
 
@@ -68,6 +76,7 @@ class PackingRules:
     vit_cond_dropout_prob: float = 0.0
     vae_cond_dropout_prob: float = 0.0
     timestep_shift: float = 1.0
+    refine_bridge_start: float = 1.0  # r in (0, 1]; 1: every target starts from noise (IRG)
 
 
 def shifted_timestep(u: np.ndarray, shift: float) -> np.ndarray:
@@ -138,7 +147,9 @@ class LogicalPack:
     latent_col: np.ndarray    # [V]
     latent_pos_ids: np.ndarray  # [V]
     latent_u: np.ndarray      # [V] float32 raw logit; -inf for clean images
-    latent_t: np.ndarray      # [V] float32 shifted flow time; 0 for clean images
+    latent_t: np.ndarray      # [V] float32 shifted flow time (times r when bridged); 0 for clean images
+    latent_bridge_image: np.ndarray  # [V] clean VAE image a bridged target starts from; -1: none
+    latent_bridge_w: np.ndarray      # [V] float32 (1-r)/r for bridged targets, else 0
     ce_pos: np.ndarray        # [C] logical positions that predict a label
     ce_labels: np.ndarray     # [C]
     ce_weights: np.ndarray    # [C] float32 1/sqrt(len(ids)+1) (IRG's optional reweighting)
@@ -173,7 +184,7 @@ class PackBuilder:
         self.num_samples = 0
         self._tok = {k: [] for k in ("kind", "text_ids", "doc_id", "split_id", "split_mode", "rope_pos")}
         self._vit = {k: [] for k in ("patches", "pos", "image")}
-        self._lat = {k: [] for k in ("image", "row", "col", "pos", "u")}
+        self._lat = {k: [] for k in ("image", "row", "col", "pos", "u", "bridge", "scale")}
         self._ce = {k: [] for k in ("pos", "labels", "weights")}
         self.vit_seqlens: list[int] = []
         self.vae_images: list[np.ndarray] = []
@@ -200,6 +211,7 @@ class PackBuilder:
     def add(self, sample: Sample, rand: PackRandom, usage: Usage | None = None) -> None:
         r = self.rules
         start, rope = self.n, 0
+        last_clean = None  # (index in vae_images, shape) of the sample's latest clean VAE image
         texts, imgs = iter(sample.text_ids), iter(sample.images)
         for item in sample.plan:
             if item.type == TEXT:
@@ -252,6 +264,12 @@ class PackBuilder:
                                                           r.max_latent_size))
                 u = np.float32(rand.normal()) if item.loss else np.float32(-np.inf)
                 self._lat["u"].append(np.full(h * w, u, np.float32))
+                r_start = r.refine_bridge_start
+                bridged = item.loss and r_start < 1.0 and last_clean is not None and last_clean[1] == img.shape
+                self._lat["bridge"].append(np.full(h * w, last_clean[0] if bridged else -1, np.int32))
+                self._lat["scale"].append(np.full(h * w, r_start if bridged else 1.0, np.float32))
+                if not item.loss:
+                    last_clean = (len(self.vae_images), img.shape)
                 self.vae_images.append(img)
                 if not item.loss:
                     rope += 1
@@ -270,6 +288,7 @@ class PackBuilder:
 
         t, v, l, c = self._tok, self._vit, self._lat, self._ce
         u = cat(l["u"], np.float32)
+        scale = cat(l["scale"], np.float32)
         p = self.rules.vit_patch_size
         return LogicalPack(
             kind=cat(t["kind"], np.int32), text_ids=cat(t["text_ids"], np.int32),
@@ -280,7 +299,9 @@ class PackBuilder:
             vae_images=list(self.vae_images), latent_image=cat(l["image"], np.int32),
             latent_row=cat(l["row"], np.int32), latent_col=cat(l["col"], np.int32),
             latent_pos_ids=cat(l["pos"], np.int32), latent_u=u,
-            latent_t=shifted_timestep(u, self.rules.timestep_shift),
+            latent_t=(shifted_timestep(u, self.rules.timestep_shift) * scale).astype(np.float32),
+            latent_bridge_image=cat(l["bridge"], np.int32),
+            latent_bridge_w=((1.0 - scale) / scale).astype(np.float32),
             ce_pos=cat(c["pos"], np.int32), ce_labels=cat(c["labels"], np.int32),
             ce_weights=cat(c["weights"], np.float32), sample_lens=list(self.sample_lens),
             split_lens=list(self.split_lens), attn_modes=list(self.attn_modes), sources=list(self.sources),
@@ -330,6 +351,10 @@ def to_packed_batch(lp: LogicalPack, budgets: pb.PackBudgets) -> dict[str, np.nd
     v = lp.latent_u.shape[0]
     hmax, wmax = hb // lp.vae_stride, wb // lp.vae_stride
     out["latent_src"][:v] = lp.latent_image * (hmax * wmax) + lp.latent_row * wmax + lp.latent_col
+    bridged = lp.latent_bridge_image >= 0
+    out["latent_bridge_src"][:v] = np.where(
+        bridged, lp.latent_bridge_image * (hmax * wmax) + lp.latent_row * wmax + lp.latent_col, 0)
+    out["latent_bridge_w"][:v] = lp.latent_bridge_w
     out["latent_pos_ids"][:v] = lp.latent_pos_ids
     out["latent_t"][:v] = lp.latent_t
     out["latent_noisy"][:v] = lp.latent_noisy
@@ -356,9 +381,10 @@ def rebucket(pack: dict[str, np.ndarray], new_hw: tuple[int, int], vae_stride: i
     padded[..., :h, :w, :] = imgs
     out["vae_images"] = padded
     hm, wm, nhm, nwm = h // vae_stride, w // vae_stride, nh // vae_stride, nw // vae_stride
-    img, rem = np.divmod(pack["latent_src"], hm * wm)
-    row, col = np.divmod(rem, wm)
-    out["latent_src"] = (img * (nhm * nwm) + row * nwm + col).astype(np.int32)
+    for key in ("latent_src", "latent_bridge_src"):
+        img, rem = np.divmod(pack[key], hm * wm)
+        row, col = np.divmod(rem, wm)
+        out[key] = (img * (nhm * nwm) + row * nwm + col).astype(np.int32)
     return out
 
 

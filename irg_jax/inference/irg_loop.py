@@ -13,7 +13,8 @@ For a batch of prompts (one cache row each):
         I_{r+1} = flow(cond, text-uncond, img-uncond; cfg_text 4, cfg_img 2, interval (0, 1],
                        text_channel renorm)
         (IRG starts I_{r+1} from noise at t = 1; ``refine_start`` s < 1 starts it from
-        s·noise + (1 − s)·latents(I_r) at t = s instead, a restart of the previous image.)
+        s·noise + (1 − s)·x(I_r) at t = s instead, x(I_r) being the re-encoded clean copy
+        fed back above; a model trained with ``data.refine_bridge_start = s`` learned that path.)
 
 Text-unconditional contexts are prefixes of the conditional cache, so they are the same
 arrays with a shorter length (no copy until the branches are stacked for the sampler).
@@ -234,7 +235,8 @@ def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: j
     for r in range(1, static.num_refinements + 1):
         before_image = cond
         eps = _row_normal(_row_keys(row_keys, 10 * r + 2), latent_hw + (cfg.autoencoder.z_channels,))
-        cond = kv_cache.append_vae_image(model, cond, feedback.vae_tokens(ae, image, eps, cfg), lat_pos)
+        fed_back = feedback.vae_tokens(ae, image, eps, cfg)  # the clean copy of the previous image
+        cond = kv_cache.append_vae_image(model, cond, fed_back, lat_pos)
         if cfg.vit.enabled:
             cond = kv_cache.append_vit_image(model, cond, feedback.vit_patches(image, grid, cfg.vit.patch_size),
                                              vit_pos)
@@ -246,7 +248,7 @@ def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: j
         img_uncond, _ = kv_cache.append_text(model, before_image, seg, seg_len)
         noise = _row_normal(_row_keys(row_keys, 10 * r + 1), (grid.num_latent_tokens, d_lat))
         start = dyn.refine_start
-        latents = generate_latents(model, [cond, text_uncond, img_uncond], start * noise + (1.0 - start) * latents,
+        latents = generate_latents(model, [cond, text_uncond, img_uncond], start * noise + (1.0 - start) * fed_back,
                                    lat_pos, num_steps=static.num_steps, shift=dyn.timestep_shift,
                                    guidance=dyn.refine, renorm_type=static.refine_renorm, t_start=start)
         image = feedback.to_uint8(feedback.decode_latents(ae, latents, grid, cfg))

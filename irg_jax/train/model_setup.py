@@ -55,7 +55,10 @@ def build(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, 
 
 
 def make_forward(bundle: ModelBundle) -> Callable[[Any, dict, jax.Array], dict]:
-    """``forward(params, batch, key)``: encode the pack's images (frozen AE), draw noise, run Bagel."""
+    """``forward(params, batch, key)``: encode the pack's images (frozen AE), draw noise, run Bagel.
+
+    Bridged targets (``latent_bridge_w`` > 0, see ``irg_jax.data.packing``) get the noise
+    ``eps + w * (x_bridge - x0)``, which puts them on the refinement path from a clean image."""
     ae_graphdef, ae_state = nnx.split(bundle.autoencoder)
     patch = bundle.model_cfg.latent.patch_size
 
@@ -65,6 +68,9 @@ def make_forward(bundle: ModelBundle) -> Callable[[Any, dict, jax.Array], dict]:
         tokens = jax.lax.stop_gradient(latent_tokens(ae, batch["vae_images"], k_posterior, patch))
         x0 = gather_latent_tokens(tokens, batch["latent_src"])
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        if "latent_bridge_w" in batch:
+            x_bridge = gather_latent_tokens(tokens, batch["latent_bridge_src"])
+            noise = noise + batch["latent_bridge_w"][..., None] * (x_bridge - x0)
         return bundle.module(params)(batch, x0, noise)
 
     return forward
