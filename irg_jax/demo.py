@@ -28,6 +28,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -48,6 +49,9 @@ class DemoPlan:
     # the model's own blotchy images, but turn 2 fell to 0.108 from turn 1 0.158 (seed 0).
     quality_prob: float = 0.0
     timestep_shift: float = 3.0  # sampling schedule shift (IRG's default)
+    # Refinement bridge (data.refine_bridge_start in stage 2, --refine_start at inference):
+    # image 2 starts at t = r from r*noise + (1-r)*image 1 instead of from noise (1: IRG's way).
+    refine_start: float = 1.0
     cfg_text: float = 1.0   # CFG scales of both turns (1: no guidance)
     cfg_img: float = 1.0
     grid_rows: int = 8
@@ -96,10 +100,10 @@ def _worth_showing(line: str) -> bool:
 
 
 def train_args(stage: int, world: pathlib.Path, workdir: pathlib.Path, steps: int, seed: int,
-               init_from: pathlib.Path | None = None) -> list[str]:
+               init_from: pathlib.Path | None = None, overrides: Sequence[str] = ()) -> list[str]:
     arg = f"demo,data_root={world}" + (f",init_from={init_from}" if init_from else "")
     return ["--config", f"{REPO}/configs/irgl_stage{stage}.py:{arg}", "--workdir", str(workdir),
-            f"--config.total_steps={steps}", f"--config.seed={seed}"]
+            f"--config.total_steps={steps}", f"--config.seed={seed}", *overrides]
 
 
 def generate_args(export: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, image_px: int,
@@ -112,7 +116,7 @@ def generate_args(export: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path
             # refine text 4, image 2) wash the images out (measured on 40 held-out prompts after
             # 600+200 steps: turn 1 0.05 / turn 2 0.00 with them, 0.125 / 0.175 without).
             "--cfg_text", str(plan.cfg_text), "--refine_cfg_text", str(plan.cfg_text),
-            "--refine_cfg_img", str(plan.cfg_img)]
+            "--refine_cfg_img", str(plan.cfg_img), "--refine_start", str(plan.refine_start)]
 
 
 def _final_metrics(workdir: pathlib.Path) -> dict:
@@ -210,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                "--num", str(plan.own_images), "--seed", str(args.seed), "--num_steps", str(plan.flow_steps),
                "--timestep_shift", str(plan.timestep_shift)],
               done=own / "world.json")
-    stage.run("stage2", "irg_jax.train", train_args(2, own, s2, plan.stage2_steps, args.seed, init_from=s1),
+    bridge = [f"--config.data.refine_bridge_start={plan.refine_start}"]
+    stage.run("stage2", "irg_jax.train",
+              train_args(2, own, s2, plan.stage2_steps, args.seed, init_from=s1, overrides=bridge),
               done=s2 / "export" / "export.json")
     stage.run("untrained", "irg_jax.train", train_args(1, world, untrained, 0, args.seed),
               done=untrained / "export" / "export.json")

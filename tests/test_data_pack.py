@@ -156,7 +156,7 @@ REFINE = sample([user("a"), assistant(image_part(image_b64(32, 32, seed=1), need
 
 
 def test_refinement_bridge_targets_start_from_the_clean_image():
-    rules = dataclasses.replace(RULES, refine_bridge_start=0.5)
+    rules = dataclasses.replace(RULES, refine_bridge_start=0.5, refine_bridge_shift=4.0)
     lp, pack = build([FULL, REFINE], rules=rules)
     # FULL's target has no clean image before it; REFINE's image 2 follows image 1's clean copy
     # (not FULL's, which belongs to another sample).

@@ -43,6 +43,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Refinement bridge (ours; 1 = off, IRG): image 2 trained on the path from image 1 that
     # inference's ``refine_start`` of the same value follows (see irg_jax.data.packing).
     c.refine_bridge_start = 1.0
+    c.refine_bridge_shift = 1.0   # timestep shift of bridged targets
     # Geometry shared with the model.
     c.vae_downsample = 8
     c.latent_patch_size = 2
@@ -80,7 +81,7 @@ def rules_from_config(data, tokenizer) -> PackingRules:
         vit_max_patches_per_side=data.vit_max_patches_per_side,
         text_cond_dropout_prob=data.text_cond_dropout_prob, vit_cond_dropout_prob=data.vit_cond_dropout_prob,
         vae_cond_dropout_prob=data.vae_cond_dropout_prob, timestep_shift=data.timestep_shift,
-        refine_bridge_start=data.refine_bridge_start)
+        refine_bridge_start=data.refine_bridge_start, refine_bridge_shift=data.refine_bridge_shift)
 
 
 def policy_from_config(data) -> PackingPolicy:
@@ -117,8 +118,9 @@ def check_data_config(data, model=None, error=ValueError) -> None:
     for key in ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"):
         if not 0.0 <= data[key] <= 1.0:
             fail(key, f"must be in [0, 1], got {data[key]}")
-    if data.timestep_shift <= 0:
-        fail("timestep_shift", "must be positive")
+    for key in ("timestep_shift", "refine_bridge_shift"):
+        if data[key] <= 0:
+            fail(key, "must be positive")
     if not 0.0 < data.refine_bridge_start <= 1.0:
         fail("refine_bridge_start", f"must be in (0, 1], got {data.refine_bridge_start}")
     if data.max_num_tokens_per_sample > data.max_num_tokens:

@@ -21,7 +21,8 @@ Per sample (rope restarts at 0):
 Refinement bridge (ours, off by default: ``refine_bridge_start`` r = 1). With r < 1, a noisy
 target that follows a clean VAE image of the same size in its sample (image 2 after the clean
 copy of image 1) is trained on the straight path that inference's ``refine_start = r`` follows:
-its time is scaled to ``r*t`` and its noise becomes ``eps + (1-r)/r * (x_src - x0)``, so that
+its time is ``r*t`` (t shifted with ``refine_bridge_shift``: the structure comes from the
+clean image, so the low-noise end matters more than for a start from noise) and its noise becomes ``eps + (1-r)/r * (x_src - x0)``, so that
 at t = r the input is ``r*eps + (1-r)*x_src`` (x_src: the clean image's latent token at the
 same grid cell). ``latent_bridge_image`` names that clean image (-1: none) and
 ``latent_bridge_w`` holds ``(1-r)/r`` (0: none).
@@ -77,6 +78,7 @@ class PackingRules:
     vae_cond_dropout_prob: float = 0.0
     timestep_shift: float = 1.0
     refine_bridge_start: float = 1.0  # r in (0, 1]; 1: every target starts from noise (IRG)
+    refine_bridge_shift: float = 1.0  # timestep shift of bridged targets (before the scaling by r)
 
 
 def shifted_timestep(u: np.ndarray, shift: float) -> np.ndarray:
@@ -289,6 +291,9 @@ class PackBuilder:
         t, v, l, c = self._tok, self._vit, self._lat, self._ce
         u = cat(l["u"], np.float32)
         scale = cat(l["scale"], np.float32)
+        bridged = scale < 1.0
+        lat_t = np.where(bridged, shifted_timestep(u, self.rules.refine_bridge_shift) * scale,
+                     shifted_timestep(u, self.rules.timestep_shift)).astype(np.float32)
         p = self.rules.vit_patch_size
         return LogicalPack(
             kind=cat(t["kind"], np.int32), text_ids=cat(t["text_ids"], np.int32),
@@ -299,7 +304,7 @@ class PackBuilder:
             vae_images=list(self.vae_images), latent_image=cat(l["image"], np.int32),
             latent_row=cat(l["row"], np.int32), latent_col=cat(l["col"], np.int32),
             latent_pos_ids=cat(l["pos"], np.int32), latent_u=u,
-            latent_t=(shifted_timestep(u, self.rules.timestep_shift) * scale).astype(np.float32),
+            latent_t=lat_t,
             latent_bridge_image=cat(l["bridge"], np.int32),
             latent_bridge_w=((1.0 - scale) / scale).astype(np.float32),
             ce_pos=cat(c["pos"], np.int32), ce_labels=cat(c["labels"], np.int32),
