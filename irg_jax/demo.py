@@ -41,6 +41,7 @@ class DemoPlan:
     stage1_steps: int
     stage2_steps: int
     prompts: int            # held-out prompts scored (the world holds 120)
+    samples_per_prompt: int  # IRG runs per prompt (different seeds): more samples, less noise
     flow_steps: int         # Euler steps per image
     max_think_tokens: int   # longest think / reflection decoded
     own_images: int         # trajectories whose image 1 the stage-1 model draws for stage 2
@@ -51,16 +52,16 @@ class DemoPlan:
     timestep_shift: float = 3.0  # sampling schedule shift (IRG's default)
     # Refinement bridge (data.refine_bridge_start in stage 2, --refine_start at inference):
     # image 2 starts at t = r from r*noise + (1-r)*image 1 instead of from noise (1: IRG's way).
-    refine_start: float = 1.0
+    refine_start: float = 0.6
     cfg_text: float = 1.0   # CFG scales of both turns (1: no guidance)
     cfg_img: float = 1.0
     grid_rows: int = 8
 
 
-FULL = DemoPlan(trajectories=4000, stage1_steps=400, stage2_steps=250, prompts=120, flow_steps=25,
-                max_think_tokens=160, own_images=2000)
-QUICK = DemoPlan(trajectories=800, stage1_steps=40, stage2_steps=15, prompts=24, flow_steps=10,
-                 max_think_tokens=160, own_images=64)
+FULL = DemoPlan(trajectories=4000, stage1_steps=400, stage2_steps=250, prompts=120, samples_per_prompt=2,
+                flow_steps=25, max_think_tokens=160, own_images=2000)
+QUICK = DemoPlan(trajectories=800, stage1_steps=40, stage2_steps=15, prompts=24, samples_per_prompt=1,
+                 flow_steps=10, max_think_tokens=160, own_images=64)
 
 
 class Stage:
@@ -145,8 +146,9 @@ def write_report(workdir: pathlib.Path, report: dict) -> None:
     cats = sorted({c for model in acc.values() for t in model.values() for c in t["per_category"]})
     cols = [(m, t) for m in ("untrained", "trained") for t in ("turn1", "turn2") if t in acc.get(m, {})]
     lines = [f"# IRG demo report (seed {report['seed']}{', quick' if report['quick'] else ''})", "",
-             f"Held-out prompts: {report['num_prompts']} (meanings never seen in training). "
-             "Accuracy = share of prompts whose image satisfies every constraint (verifier); "
+             f"Held-out prompts: {report['num_prompts']} (meanings never seen in training), "
+             f"{report['samples_per_prompt']} IRG run(s) each with different seeds. "
+             "Accuracy = share of runs whose image satisfies every constraint (verifier); "
              "'overall' = mean over categories.", "",
              "| category | " + " | ".join(f"{m} {t}" for m, t in cols) + " |",
              "|---|" + "---|" * len(cols)]
@@ -160,7 +162,7 @@ def write_report(workdir: pathlib.Path, report: dict) -> None:
     lines += ["", f"Refinement margin (trained, turn 2 − turn 1, overall): **{report['margin_turn2_minus_turn1']:+.3f}**"]
     if "vs_turn1" in t.get("turn2", {}):
         ch = t["turn2"]["vs_turn1"]
-        lines.append(f"Turn 2 fixed {ch['fixed']} and broke {ch['broken']} of {ch['prompts']} prompts.")
+        lines.append(f"Turn 2 fixed {ch['fixed']} and broke {ch['broken']} of {ch['prompts']} runs.")
     lines += ["", "## Training", "", "| stage | steps | first ce / mse | last ce / mse | s/step | time |", "|---|---|---|---|---|---|"]
     for stage in ("stage1", "stage2"):
         m = report["training"][stage]
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     system_prompt.write_text(world_cfg["system_prompt"])
     prompts = work / "prompts.jsonl"
     held_out = (world / "heldout_prompts.jsonl").read_text().splitlines()[: plan.prompts]
-    prompts.write_text("\n".join(held_out) + "\n")
+    # each prompt k times: rows differ, so does each row's seed (fold_in(seed, row))
+    prompts.write_text("\n".join(held_out * plan.samples_per_prompt) + "\n")
 
     s1, s2, untrained = work / "stage1", work / "stage2", work / "untrained"
     stage.run("stage1", "irg_jax.train", train_args(1, world, s1, plan.stage1_steps, args.seed),
@@ -214,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                "--num", str(plan.own_images), "--seed", str(args.seed), "--num_steps", str(plan.flow_steps),
                "--timestep_shift", str(plan.timestep_shift)],
               done=own / "world.json")
-    bridge = [f"--config.data.refine_bridge_start={plan.refine_start}"]
+    # The demo samples without guidance, so stage 2 keeps image 1 in every improving row (no VAE
+    # condition dropout): a dropped image 1 would train that image 2 from noise, not on the bridge.
+    bridge = [f"--config.data.refine_bridge_start={plan.refine_start}", "--config.data.vae_cond_dropout_prob=0.0"]
     stage.run("stage2", "irg_jax.train",
               train_args(2, own, s2, plan.stage2_steps, args.seed, init_from=s1, overrides=bridge),
               done=s2 / "export" / "export.json")
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     t = accuracy["trained"]
     report = {
         "seed": args.seed, "quick": args.quick, "plan": dataclasses.asdict(plan),
-        "num_prompts": len(held_out), "accuracy": accuracy,
+        "num_prompts": len(held_out), "samples_per_prompt": plan.samples_per_prompt, "accuracy": accuracy,
         "margin_turn2_minus_turn1": t["turn2"]["overall"] - t["turn1"]["overall"],
         "training": {"stage1": _final_metrics(s1), "stage2": _final_metrics(s2)},
         "own_images": json.loads((own / "world.json").read_text())["own_images"],

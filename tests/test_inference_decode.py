@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irg_jax.inference import irg_loop, sampling
+from irg_jax.inference import feedback, irg_loop, sampling
 from irg_jax.model import config as model_config, kv_cache
 from irg_jax.model.autoencoder import build_autoencoder
 from irg_jax.model.bagel import Bagel
@@ -180,3 +180,18 @@ def test_a_given_think1_is_prefilled_like_the_sampled_one(program, model):
     other[:, 1] = (other[:, 1] + 1) % (cfg.special_ids.bos - 1)  # another first word
     (changed,) = irg_loop.as_host(program(static, dyn, *inputs, keys, (other, seg_len)))
     assert np.abs(changed["latents"] - sampled["latents"]).max() > 1e-3, "image 1 ignores the given think"
+
+
+def test_refine_start_restarts_from_the_fed_back_copy_of_image_1(program, model):
+    cfg = model.cfg
+    icfg = irg_loop.InferenceConfig(image_size=(32, 32), num_steps=3, max_think_tokens=5, temperature=0.0,
+                                    vit_max_size=28, vit_min_size=28, refine_start=1e-4)
+    static, dyn = icfg.static(), icfg.dynamic()
+    keys = irg_loop.row_keys_for(0, [0, 1])
+    t1, t2 = irg_loop.as_host(program(static, dyn, *_inputs(cfg, [[40, 41], [7, 8]]), keys))
+    # turn 2 starts at t = 1e-4 from (almost) the re-encoded image 1 that was fed back, so it lands there
+    hw = (32 // cfg.autoencoder.downsample, 32 // cfg.autoencoder.downsample, cfg.autoencoder.z_channels)
+    eps = irg_loop._row_normal(irg_loop._row_keys(keys, 12), hw)
+    fed_back = feedback.vae_tokens(build_autoencoder(cfg.autoencoder, nnx.Rngs(1)), jnp.asarray(t1["image"]), eps, cfg)
+    np.testing.assert_allclose(t2["latents"], np.asarray(fed_back), atol=2e-3)
+    assert np.abs(t2["latents"][0] - t2["latents"][1]).max() > 0.1
