@@ -8,10 +8,12 @@ It runs the project's real entry points one after the other, each as its own pro
 2. ``irg_jax.train`` stage 1    (configs/irgl_stage1.py:demo) — all six learning modes;
 3. ``irg_jax.data.own_images``  the stage-1 model draws image 1 of the first trajectories itself
                                 (given their think 1); the verifier's findings become the reflection;
-4. ``irg_jax.train`` stage 2    (configs/irgl_stage2.py:demo on that data, init_from the stage-1 run);
+4. ``irg_jax.train`` stage 2    (configs/irgl_stage2.py:demo on that data, init_from the stage-1 run),
+                                with the refinement bridge (``data.refine_bridge_start``) on;
 5. ``irg_jax.train`` 0 steps    the untrained baseline (the initial parameters, exported);
 6. ``irg_jax.generate``         the IRG loop (think, image 1, reflection, image 2) on held-out
-                                prompts, for the trained and the untrained model;
+                                prompts (``samples_per_prompt`` runs each; turn 2 from
+                                ``--refine_start``), for the trained and the untrained model;
 7. ``irg_jax.verify``           verifier accuracy of turn 1 and turn 2.
 
 DIR then holds ``report.md``, ``report.json`` and ``grid.png`` (prompt, think 1, image 1,

@@ -138,6 +138,11 @@ def test_startup_errors(data_root, tmp_path):
     d.pack.image_buckets = ((32, 48), (64, 32), (64, 64), (16, 16), (48, 48))
     with pytest.raises(ValueError, match="image_buckets"):
         check_data_config(d)
+    for key, value in (("refine_bridge_start", 0.0), ("refine_bridge_start", 1.5), ("refine_bridge_shift", 0.0)):
+        d = tiny_config(data_root)
+        d[key] = value
+        with pytest.raises(ValueError, match=f"config.data.{key}"):
+            check_data_config(d)
     d = tiny_config(data_root)
     d.fail_fast = True
     it, _ = make(d)
