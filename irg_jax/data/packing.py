@@ -22,9 +22,9 @@ Refinement bridge (ours, off by default: ``refine_bridge_start`` r = 1). With r 
 target that follows a clean VAE image of the same size in its sample (image 2 after the clean
 copy of image 1) is trained on the straight path that inference's ``refine_start = r`` follows:
 its time is ``r*t`` (t shifted with ``refine_bridge_shift``: the structure comes from the
-clean image, so the low-noise end matters more than for a start from noise) and its noise becomes ``eps + (1-r)/r * (x_src - x0)``, so that
-at t = r the input is ``r*eps + (1-r)*x_src`` (x_src: the clean image's latent token at the
-same grid cell). ``latent_bridge_image`` names that clean image (-1: none) and
+clean image, so the low-noise end matters more than for a start from noise) and its noise
+becomes ``eps + (1-r)/r * (x_src - x0)``, so that at t = r the input is
+``r*eps + (1-r)*x_src`` (x_src: the clean image's latent token at the same grid cell). ``latent_bridge_image`` names that clean image (-1: none) and
 ``latent_bridge_w`` holds ``(1-r)/r`` (0: none).
 """
 from __future__ import annotations
