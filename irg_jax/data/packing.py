@@ -270,10 +270,9 @@ class PackBuilder:
                 bridged = item.loss and r_start < 1.0 and last_clean is not None and last_clean[1] == img.shape
                 self._lat["bridge"].append(np.full(h * w, last_clean[0] if bridged else -1, np.int32))
                 self._lat["scale"].append(np.full(h * w, r_start if bridged else 1.0, np.float32))
-                if not item.loss:
-                    last_clean = (len(self.vae_images), img.shape)
                 self.vae_images.append(img)
                 if not item.loss:
+                    last_clean = (len(self.vae_images) - 1, img.shape)
                     rope += 1
             else:
                 raise ValueError(f"{sample.source}: unknown plan item type {item.type!r}")
