@@ -12,8 +12,8 @@ It runs the project's real entry points one after the other, each as its own pro
                                 with the refinement bridge (``data.refine_bridge_start``) on;
 5. ``irg_jax.train`` 0 steps    the untrained baseline (the initial parameters, exported);
 6. ``irg_jax.generate``         the IRG loop (think, image 1, reflection, image 2) on held-out
-                                prompts (``samples_per_prompt`` runs each; turn 2 from
-                                ``--refine_start``), for the trained and the untrained model;
+                                prompts (turn 2 from ``--refine_start``), for the trained model
+                                (``samples_per_prompt`` runs each) and the untrained one (once each);
 7. ``irg_jax.verify``           verifier accuracy of turn 1 and turn 2.
 
 DIR then holds ``report.md``, ``report.json`` and ``grid.png`` (prompt, think 1, image 1,
@@ -43,7 +43,8 @@ class DemoPlan:
     stage1_steps: int
     stage2_steps: int
     prompts: int            # held-out prompts scored (the world holds 120)
-    samples_per_prompt: int  # IRG runs per prompt (different seeds): more samples, less noise
+    samples_per_prompt: int  # IRG runs per prompt (different seeds) of the trained model: less noise
+                             # (the untrained baseline runs each prompt once)
     flow_steps: int         # Euler steps per image
     max_think_tokens: int   # longest think / reflection decoded
     own_images: int         # trajectories whose image 1 the stage-1 model draws for stage 2
@@ -60,8 +61,8 @@ class DemoPlan:
     grid_rows: int = 8
 
 
-FULL = DemoPlan(trajectories=4000, stage1_steps=400, stage2_steps=250, prompts=120, samples_per_prompt=2,
-                flow_steps=25, max_think_tokens=160, own_images=2000)
+FULL = DemoPlan(trajectories=4000, stage1_steps=850, stage2_steps=300, prompts=120, samples_per_prompt=2,
+                flow_steps=25, max_think_tokens=160, own_images=1000)
 QUICK = DemoPlan(trajectories=800, stage1_steps=40, stage2_steps=15, prompts=24, samples_per_prompt=1,
                  flow_steps=10, max_think_tokens=160, own_images=64)
 
@@ -149,7 +150,7 @@ def write_report(workdir: pathlib.Path, report: dict) -> None:
     cols = [(m, t) for m in ("untrained", "trained") for t in ("turn1", "turn2") if t in acc.get(m, {})]
     lines = [f"# IRG demo report (seed {report['seed']}{', quick' if report['quick'] else ''})", "",
              f"Held-out prompts: {report['num_prompts']} (meanings never seen in training), "
-             f"{report['samples_per_prompt']} IRG run(s) each with different seeds. "
+             f"{report['samples_per_prompt']} IRG run(s) each with different seeds (untrained baseline: 1). "
              "Accuracy = share of runs whose image satisfies every constraint (verifier); "
              "'overall' = mean over categories.", "",
              "| category | " + " | ".join(f"{m} {t}" for m, t in cols) + " |",
@@ -205,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     world_cfg = json.loads((world / "world.json").read_text())["config"]
     system_prompt = work / "system_prompt.txt"
     system_prompt.write_text(world_cfg["system_prompt"])
-    prompts = work / "prompts.jsonl"
     held_out = (world / "heldout_prompts.jsonl").read_text().splitlines()[: plan.prompts]
+    prompt_files = {"trained": work / "prompts.jsonl", "untrained": work / "prompts_baseline.jsonl"}
     # each prompt k times: rows differ, so does each row's seed (fold_in(seed, row))
-    prompts.write_text("\n".join(held_out * plan.samples_per_prompt) + "\n")
+    prompt_files["trained"].write_text("\n".join(held_out * plan.samples_per_prompt) + "\n")
+    prompt_files["untrained"].write_text("\n".join(held_out) + "\n")
 
     s1, s2, untrained = work / "stage1", work / "stage2", work / "untrained"
     stage.run("stage1", "irg_jax.train", train_args(1, world, s1, plan.stage1_steps, args.seed),
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, export in (("trained", s2 / "export"), ("untrained", untrained / "export")):
         out = work / "samples" / name
         stage.run(f"generate_{name}", "irg_jax.generate",
-                  generate_args(export, prompts, out, world_cfg["size"], system_prompt, plan, args.seed),
+                  generate_args(export, prompt_files[name], out, world_cfg["size"], system_prompt, plan, args.seed),
                   done=out / "scores.json")
         stage.run(f"verify_{name}", "irg_jax.verify", [str(out), "--world", str(world / "world.json")],
                   done=None)
