@@ -108,7 +108,7 @@ def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         # Stage 1 at 5e-3 with 4 packs per step (about 1 s per step on 2 cores). Measured with
         # irg_jax.train.conditioning_probe (the share of the image variance explained at t = 0.8):
         # 8 packs at 2e-3 for 400 steps stayed on the plateau where the model draws the average
-        # image (gain 0.05, MSE 0.19); 4 packs at 5e-3 leave it after about 300 steps (a 1200-step
+        # image (gain 0.03-0.05, MSE 0.19); 4 packs at 5e-3 leave it after about 300 steps (a 1200-step
         # run: MSE 0.165 at step 400, gain 0.61 and MSE 0.084 at the end; the demo's 850 steps:
         # gain 0.36, MSE 0.099). Stage 2 keeps 1e-3 although
         # the fresh Adam state spikes the MSE on its first steps: 150 steps at 3e-4 left turn 2
