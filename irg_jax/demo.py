@@ -59,8 +59,9 @@ class DemoPlan:
     refine_start: float = 0.6
     # Text CFG of both turns (IRG: 4) and turn 2's image CFG (IRG: 2; 1 = off, since stage 2
     # drops no image 1). Text 1.5 drew the best images in both turns on 240 held-out runs of the
-    # seed-0 and seed-1 default models (turn 1 / turn 2: scale 1 0.129 / 0.121 and 0.083 / 0.092;
-    # 1.5 0.163 / 0.183 and 0.125 / 0.125; 2 0.129 / 0.142 and 0.096 / 0.117; 3 0.112 / 0.117, seed 0).
+    # exports of the seed-0 and seed-1 runs without CFG (turn 1 / turn 2: scale 1 0.129 / 0.121
+    # and 0.083 / 0.092; 1.5 0.163 / 0.183 and 0.125 / 0.125; 2 0.129 / 0.142 and 0.096 / 0.117;
+    # 3 0.112 / 0.117, seed 0).
     cfg_text: float = 1.5
     cfg_img: float = 1.0
     grid_rows: int = 8
