@@ -48,6 +48,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine_start", type=float, default=d.refine_start,
                    help="t in (0, 1] where a refined image starts: 1 = from noise (IRG); s < 1 = from "
                         "s*noise + (1-s)*previous image")
+    p.add_argument("--refine_timestep_shift", type=float, default=None,
+                   help="schedule shift of refined images (default: --timestep_shift); with --refine_start s "
+                        "the schedule is s times the shifted one")
     p.add_argument("--num_refinements", type=int, default=d.num_refinements)
     p.add_argument("--system_prompt", default=None, help="text or @FILE (default: IRG's, paraphrased)")
     p.add_argument("--vit_max_size", type=int, default=None, help="ViT copy of a fed-back image (default 980)")
@@ -70,7 +73,8 @@ def inference_config(args, model_cfg) -> InferenceConfig:
         turn1=TurnGuidance(args.cfg_text, 1.0, tuple(args.cfg_interval), args.cfg_renorm),
         refine=TurnGuidance(args.refine_cfg_text, args.refine_cfg_img, tuple(args.refine_cfg_interval),
                             args.refine_cfg_renorm),
-        renorm_min=args.cfg_renorm_min, refine_start=args.refine_start, num_refinements=args.num_refinements,
+        renorm_min=args.cfg_renorm_min, refine_start=args.refine_start,
+        refine_timestep_shift=args.refine_timestep_shift, num_refinements=args.num_refinements,
         system_prompt=system, vit_max_size=args.vit_max_size, vit_min_size=args.vit_min_size)
 
 

@@ -100,8 +100,11 @@ class Summary:
 
 
 def redraw_records(runner, records: Sequence[TrajectoryRecord], parser: ParserConfig, seed: int,
-                   summary: Summary) -> list[TrajectoryRecord]:
-    """The records with image 1 drawn by ``runner`` (given think 1) and a reflection on it."""
+                   summary: Summary, keep_passed: bool = False) -> list[TrajectoryRecord]:
+    """The records with image 1 drawn by ``runner`` (given think 1) and a reflection on it.
+
+    ``keep_passed``: where the verifier passes image 1, image 2 becomes that image (the reflection
+    says it already matches, so the refinement learns to keep it), not the clean render."""
     out = []
     batches = runner.run([r.prompt for r in records], seed, thinks=[r.think1 for r in records])
     start = 0
@@ -113,15 +116,18 @@ def redraw_records(runner, records: Sequence[TrajectoryRecord], parser: ParserCo
             summary.drawn += 1
             summary.passed += verdict.passed
             summary.findings.update(list(found))
-            meta = {**record.metadata, "image1_source": "model", "image1_verdict": verdict.to_json()}
-            out.append(dataclasses.replace(record, image1=scenes.png_bytes(Image.fromarray(image)),
+            keep = keep_passed and verdict.passed
+            meta = {**record.metadata, "image1_source": "model", "image1_verdict": verdict.to_json(),
+                    "image2_source": "image1" if keep else "render"}
+            image1 = scenes.png_bytes(Image.fromarray(image))
+            out.append(dataclasses.replace(record, image1=image1, image2=image1 if keep else record.image2,
                                            think2=own_reflection(record.think1, found), metadata=meta))
         start += len(batch)
     return out
 
 
 def build(world: pathlib.Path, checkpoint: str, out: pathlib.Path, *, num: int, keep_rest: bool = True,
-          batch_size: int = 32, seed: int = 0, num_steps: int = 25, timestep_shift: float = 3.0) -> dict:
+          keep_passed: bool = False, batch_size: int = 32, seed: int = 0, num_steps: int = 25, timestep_shift: float = 3.0) -> dict:
     from irg_jax.inference import runner as runner_lib
     from irg_jax.inference.irg_loop import InferenceConfig, TurnGuidance
 
@@ -142,7 +148,7 @@ def build(world: pathlib.Path, checkpoint: str, out: pathlib.Path, *, num: int, 
     parser = ParserConfig(colours=tuple(cfg["colours"]))
     summary = Summary()
     t0 = time.perf_counter()
-    redrawn = redraw_records(runner, drawn_part, parser, seed, summary) if drawn_part else []
+    redrawn = redraw_records(runner, drawn_part, parser, seed, summary, keep_passed) if drawn_part else []
     seconds = round(time.perf_counter() - t0, 1)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +164,7 @@ def build(world: pathlib.Path, checkpoint: str, out: pathlib.Path, *, num: int, 
         if (world / name).exists():
             shutil.copyfile(world / name, out / name)
     report = {**summary.to_json(), "checkpoint": str(checkpoint), "source_world": str(world), "seed": seed,
-              "num_steps": num_steps, "timestep_shift": timestep_shift, "seconds": seconds,
+              "num_steps": num_steps, "timestep_shift": timestep_shift, "keep_passed": keep_passed, "seconds": seconds,
               "rows_per_mode": dict(writer.counts)}
     (out / "world.json").write_text(json.dumps({**world_json, "own_images": report}, indent=1))
     return report
@@ -171,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, required=True, help="trajectories whose image 1 the model draws")
     p.add_argument("--keep_rest", type=int, default=1, help="1: write the other trajectories unchanged")
+    p.add_argument("--keep_passed", type=int, default=0,
+                   help="1: image 2 of a trajectory whose own image 1 passed the verifier is that image 1")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_steps", type=int, default=25)
     p.add_argument("--timestep_shift", type=float, default=3.0)
     args = p.parse_args(argv)
     report = build(pathlib.Path(args.world), args.checkpoint, pathlib.Path(args.out), num=args.num,
-                   keep_rest=bool(args.keep_rest), batch_size=args.batch_size, seed=args.seed,
+                   keep_rest=bool(args.keep_rest), keep_passed=bool(args.keep_passed), batch_size=args.batch_size, seed=args.seed,
                    num_steps=args.num_steps, timestep_shift=args.timestep_shift)
     print(f"wrote {args.out}: {json.dumps(report)}", file=sys.stderr)
     return 0

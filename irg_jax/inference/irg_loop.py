@@ -67,6 +67,7 @@ class InferenceConfig:
     refine: TurnGuidance = TurnGuidance(4.0, 2.0, (0.0, 1.0), "text_channel")
     renorm_min: float = 0.0
     refine_start: float = 1.0                    # t where a refined image starts (1: from noise, IRG)
+    refine_timestep_shift: float | None = None   # schedule shift of refined images (None: timestep_shift)
     num_refinements: int = 1
     system_prompt: str = SYSTEM_PROMPT_FULL
     vit_max_size: int | None = None              # ViT copy: IRG's 980 / 224, capped at the model's table
@@ -93,7 +94,9 @@ class InferenceConfig:
                                      self.renorm_min),
             refine=flow.Guidance.make(self.refine.text_scale, self.refine.img_scale, self.refine.interval,
                                       self.renorm_min),
-            refine_start=jnp.float32(self.refine_start))
+            refine_start=jnp.float32(self.refine_start),
+            refine_shift=jnp.float32(self.timestep_shift if self.refine_timestep_shift is None
+                                     else self.refine_timestep_shift))
 
 
 class StaticSettings(NamedTuple):
@@ -115,6 +118,7 @@ class DynamicSettings(NamedTuple):
     turn1: flow.Guidance
     refine: flow.Guidance
     refine_start: jax.Array
+    refine_shift: jax.Array
 
 
 class Turn(NamedTuple):
@@ -249,7 +253,7 @@ def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: j
         noise = _row_normal(_row_keys(row_keys, 10 * r + 1), (grid.num_latent_tokens, d_lat))
         start = dyn.refine_start
         latents = generate_latents(model, [cond, text_uncond, img_uncond], start * noise + (1.0 - start) * fed_back,
-                                   lat_pos, num_steps=static.num_steps, shift=dyn.timestep_shift,
+                                   lat_pos, num_steps=static.num_steps, shift=dyn.refine_shift,
                                    guidance=dyn.refine, renorm_type=static.refine_renorm, t_start=start)
         image = feedback.to_uint8(feedback.decode_latents(ae, latents, grid, cfg))
         turns.append(Turn(think, image, latents))
