@@ -195,3 +195,18 @@ def test_refine_start_restarts_from_the_fed_back_copy_of_image_1(program, model)
     fed_back = feedback.vae_tokens(build_autoencoder(cfg.autoencoder, nnx.Rngs(1)), jnp.asarray(t1["image"]), eps, cfg)
     np.testing.assert_allclose(t2["latents"], np.asarray(fed_back), atol=2e-3)
     assert np.abs(t2["latents"][0] - t2["latents"][1]).max() > 0.1
+
+
+def test_refine_timestep_shift_changes_turn_2_only(program, model):
+    cfg = model.cfg
+    base = dict(image_size=(32, 32), num_steps=3, max_think_tokens=5, temperature=0.0, vit_max_size=28,
+                vit_min_size=28, refine_start=0.6)
+    same = irg_loop.InferenceConfig(**base)
+    other = irg_loop.InferenceConfig(**base, refine_timestep_shift=0.5)
+    assert float(same.dynamic().refine_shift) == same.timestep_shift
+    keys = irg_loop.row_keys_for(0, [0, 1])
+    inputs = _inputs(cfg, [[40, 41], [7, 8]])
+    a1, a2 = irg_loop.as_host(program(same.static(), same.dynamic(), *inputs, keys))
+    b1, b2 = irg_loop.as_host(program(other.static(), other.dynamic(), *inputs, keys))
+    np.testing.assert_array_equal(a1["latents"], b1["latents"])
+    assert np.abs(a2["latents"] - b2["latents"]).max() > 1e-3

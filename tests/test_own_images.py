@@ -125,3 +125,34 @@ def test_build_rejects_more_images_than_trajectories(tmp_path):
     generate(world, num=3, seed=1, cfg=CFG, heldout=6)
     with pytest.raises(ValueError, match="holds 3 trajectories"):
         own_images.build(world, "unused", tmp_path / "own", num=4)
+
+
+class _FixedRunner:
+    """Stands in for the inference runner: image 1 of record i is ``images[i]``."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def run(self, prompts, seed, thinks):
+        turn = lambda image: type("Turn", (), {"image": image})  # noqa: E731
+        result = lambda image: type("Result", (), {"turns": [turn(image)]})  # noqa: E731
+        return [[result(im) for im in self.images[:len(prompts)]]]
+
+
+@pytest.mark.parametrize("keep_passed", [False, True])
+def test_keep_passed_makes_a_passing_image_1_its_own_target(keep_passed):
+    world = World(CFG, seed=3)
+    records = [world.record(world.trajectory(i)) for i in range(40)]
+    records = [r for r in records if r.metadata.get("defect") is None][:2]
+    rendered = [np.asarray(Image.open(io.BytesIO(r.image2)).convert("RGB")).copy() for r in records]
+    rendered[0][0, 0] = (250, 250, 250)  # passes, but is not the render byte for byte
+    blank = np.full_like(rendered[1], 255)  # fails: nothing drawn
+    summary = own_images.Summary()
+    out = own_images.redraw_records(_FixedRunner([rendered[0], blank]), records, own_images.ParserConfig(),
+                                    0, summary, keep_passed=keep_passed)
+    assert summary.passed == 1 and summary.drawn == 2
+    passed, failed = out
+    assert passed.metadata["image2_source"] == ("image1" if keep_passed else "render")
+    assert (passed.image2 == passed.image1) == keep_passed
+    assert passed.think2 == records[0].think2  # "already matches"
+    assert failed.image2 == records[1].image2 and failed.metadata["image2_source"] == "render"

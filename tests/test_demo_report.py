@@ -1,0 +1,49 @@
+"""The demo's report: every figure in report.md comes from the report dict (no training here)."""
+import dataclasses
+import pathlib
+
+from irg_jax import demo
+
+
+def _turn(overall, fixed=None, broken=None):
+    out = {"overall": overall, "prompt_accuracy": overall, "per_category": {"counting": overall, "position": 0.0},
+           "per_constraint": {"count": overall}}
+    if fixed is not None:
+        out["vs_turn1"] = {"prompts": 40, "fixed": fixed, "broken": broken}
+    return out
+
+
+def _report(quick=False):
+    metrics = {"first": {"step": 10, "ce": 4.7, "mse": 1.78, "step_time": 3.9},
+               "last": {"step": 40, "ce": 0.54, "mse": 1.19, "step_time": 1.36}}
+    return {"seed": 1, "quick": quick, "plan": dataclasses.asdict(demo.QUICK if quick else demo.FULL),
+            "num_prompts": 20, "samples_per_prompt": 2,
+            "accuracy": {"trained": {"turn1": _turn(0.25), "turn2": _turn(0.3, fixed=3, broken=1)},
+                         "untrained": {"turn1": _turn(0.0), "turn2": _turn(0.0, fixed=0, broken=0)}},
+            "margin_turn2_minus_turn1": 0.05, "training": {"stage1": metrics, "stage2": metrics},
+            "own_images": {"drawn": 64, "passed": 8, "pass_rate": 0.125, "findings": {"own_too_few": 50}},
+            "timings_s": {"stage1": 94.0, "stage2": 69.0, "total": 300.0}}
+
+
+def test_report_md_states_the_margin_both_models_and_the_timings(tmp_path):
+    demo.write_report(tmp_path, _report())
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# IRG demo report (seed 1)")
+    assert "| category | untrained turn1 | untrained turn2 | trained turn1 | trained turn2 |" in md
+    assert "| counting | 0.000 | 0.000 | 0.250 | 0.300 |" in md
+    assert "**+0.050**" in md and "Turn 2 fixed 3 and broke 1 of 40 runs." in md
+    assert "| stage1 | 40 | 4.700 / 1.780 | 0.540 / 1.190 | 1.36 | 94 s |" in md
+    assert "passed 8 (12.5%)" in md and "own_too_few 50" in md
+    assert "| total | 300 |" in md and "![grid](grid.png)" in md
+    assert (tmp_path / "report.json").exists()
+
+
+def test_quick_plan_is_smaller_than_the_full_one():
+    small, full = demo.QUICK, demo.FULL
+    for field in ("trajectories", "stage1_steps", "stage2_steps", "prompts", "own_images", "flow_steps"):
+        assert getattr(small, field) < getattr(full, field), field
+    assert full.baseline_prompts <= full.prompts and small.baseline_prompts <= small.prompts
+    x = pathlib.Path("/x")
+    args = demo.generate_args(x, x, x, 32, x, full, 0)
+    assert args[args.index("--refine_timestep_shift") + 1] == str(full.refine_timestep_shift)
+    assert args[args.index("--refine_start") + 1] == str(full.refine_start)
