@@ -58,8 +58,9 @@ class DemoPlan:
     # image 2 starts at t = r from r*noise + (1-r)*image 1 instead of from noise (1: IRG's way).
     refine_start: float = 0.6
     # Schedule shift of turn 2 on [0, refine_start]: 1, the shift of the bridged stage-2 targets
-    # (data.refine_bridge_shift). On the seed-0 model of this machine's default run, turn 2 scored
-    # 0.142 with it and 0.129 with turn 1's shift 3 (turn 1 0.154; 240 runs).
+    # (data.refine_bridge_shift). On the seed-0 export of the previous default (850 / 1,000 / 300
+    # steps), turn 2 scored 0.142 with it and 0.129 with turn 1's shift 3 (turn 1 0.154; 240 runs):
+    # within the evaluation noise, picked on the prompts it was scored on.
     refine_timestep_shift: float = 1.0
     # Text CFG of both turns (IRG: 4) and turn 2's image CFG (IRG: 2; 1 = off, since stage 2
     # drops no image 1). Text 1.5 drew the best images in both turns on 240 held-out runs of the
