@@ -127,7 +127,8 @@ def redraw_records(runner, records: Sequence[TrajectoryRecord], parser: ParserCo
 
 
 def build(world: pathlib.Path, checkpoint: str, out: pathlib.Path, *, num: int, keep_rest: bool = True,
-          keep_passed: bool = False, batch_size: int = 32, seed: int = 0, num_steps: int = 25, timestep_shift: float = 3.0) -> dict:
+          keep_passed: bool = False, batch_size: int = 32, seed: int = 0, num_steps: int = 25,
+          timestep_shift: float = 3.0) -> dict:
     from irg_jax.inference import runner as runner_lib
     from irg_jax.inference.irg_loop import InferenceConfig, TurnGuidance
 
@@ -164,8 +165,8 @@ def build(world: pathlib.Path, checkpoint: str, out: pathlib.Path, *, num: int, 
         if (world / name).exists():
             shutil.copyfile(world / name, out / name)
     report = {**summary.to_json(), "checkpoint": str(checkpoint), "source_world": str(world), "seed": seed,
-              "num_steps": num_steps, "timestep_shift": timestep_shift, "keep_passed": keep_passed, "seconds": seconds,
-              "rows_per_mode": dict(writer.counts)}
+              "num_steps": num_steps, "timestep_shift": timestep_shift, "keep_passed": keep_passed,
+              "seconds": seconds, "rows_per_mode": dict(writer.counts)}
     (out / "world.json").write_text(json.dumps({**world_json, "own_images": report}, indent=1))
     return report
 
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timestep_shift", type=float, default=3.0)
     args = p.parse_args(argv)
     report = build(pathlib.Path(args.world), args.checkpoint, pathlib.Path(args.out), num=args.num,
-                   keep_rest=bool(args.keep_rest), keep_passed=bool(args.keep_passed), batch_size=args.batch_size, seed=args.seed,
-                   num_steps=args.num_steps, timestep_shift=args.timestep_shift)
+                   keep_rest=bool(args.keep_rest), keep_passed=bool(args.keep_passed),
+                   batch_size=args.batch_size, seed=args.seed, num_steps=args.num_steps,
+                   timestep_shift=args.timestep_shift)
     print(f"wrote {args.out}: {json.dumps(report)}", file=sys.stderr)
     return 0
 
