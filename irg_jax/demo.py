@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -155,6 +156,29 @@ def _accuracy(scores: dict) -> dict:
     return out
 
 
+def reflection_agreement(samples: pathlib.Path, scores: dict) -> dict:
+    """How the reflection's verdict lines up with the verifier's, and what turn 2 made of it.
+
+    Each run falls in one cell: image 1 passed or failed the verifier x the reflection says the
+    image already matches (``synthetic_text`` template "correct") or names a defect; a cell
+    counts its runs and those whose image 2 passes. Refinement can only beat turn 1 where the
+    reflection tells passing from failing first images apart (and turn 2 keeps what passed)."""
+    from irg_jax.data.synthetic_text import fill
+    words = lambda text: " ".join(re.findall(r"[a-z0-9]+", text.lower()))  # noqa: E731 (detokenised spacing)
+    matches = words(fill("correct"))
+    cells = {f"image1_{a}": {f"reflection_{b}": {"runs": 0, "image2_passed": 0} for b in ("matches", "names_defect")}
+             for a in ("passed", "failed")}
+    for run in scores["prompts"]:
+        reflection_file = samples / run["folder"] / "turn2.txt"
+        if "turn2" not in run or not reflection_file.exists():
+            continue
+        says = "matches" if matches in words(reflection_file.read_text(encoding="utf-8")) else "names_defect"
+        cell = cells["image1_passed" if run["turn1"]["passed"] else "image1_failed"][f"reflection_{says}"]
+        cell["runs"] += 1
+        cell["image2_passed"] += bool(run["turn2"]["passed"])
+    return cells
+
+
 def write_report(workdir: pathlib.Path, report: dict) -> None:
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     acc = report["accuracy"]
@@ -179,6 +203,13 @@ def write_report(workdir: pathlib.Path, report: dict) -> None:
     if "vs_turn1" in t.get("turn2", {}):
         ch = t["turn2"]["vs_turn1"]
         lines.append(f"Turn 2 fixed {ch['fixed']} and broke {ch['broken']} of {ch['prompts']} runs.")
+    if report.get("reflection_agreement"):
+        lines += ["", "Reflection vs verifier (trained): does the reflection say image 1 already matches the prompt?",
+                  "", "| image 1 | reflection | runs | image 2 passes |", "|---|---|---|---|"]
+        for image1, row in report["reflection_agreement"].items():
+            for says, cell in row.items():
+                lines.append(f"| {image1.split('_')[1]} | {says.split('_', 1)[1].replace('_', ' ')} | "
+                             f"{cell['runs']} | {cell['image2_passed']} |")
     lines += ["", "## Training", "", "| stage | steps | first ce / mse | last ce / mse | s/step | time |", "|---|---|---|---|---|---|"]
     for stage in ("stage1", "stage2"):
         m = report["training"][stage]
@@ -264,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed, "quick": args.quick, "plan": dataclasses.asdict(plan),
         "num_prompts": len(held_out), "samples_per_prompt": plan.samples_per_prompt, "accuracy": accuracy,
         "margin_turn2_minus_turn1": t["turn2"]["overall"] - t["turn1"]["overall"],
+        "reflection_agreement": reflection_agreement(trained, json.loads((trained / "scores.json").read_text())),
         "training": {"stage1": _final_metrics(s1), "stage2": _final_metrics(s2)},
         "own_images": json.loads((own / "world.json").read_text())["own_images"],
         "timings_s": {**stage.timings, "total": round(time.time() - t_start, 1)},

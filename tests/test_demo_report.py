@@ -47,3 +47,27 @@ def test_quick_plan_is_smaller_than_the_full_one():
     args = demo.generate_args(x, x, x, 32, x, full, 0)
     assert args[args.index("--refine_timestep_shift") + 1] == str(full.refine_timestep_shift)
     assert args[args.index("--refine_start") + 1] == str(full.refine_start)
+
+
+def test_reflection_agreement_counts_verdicts_against_the_verifier(tmp_path):
+    reflections = {"0": "< think> the previous image already matches the prompt.### Detailed ...",
+                   "1": "< think> the blue square is missing.### Detailed ...",
+                   "2": "< think> the previous image already matches the prompt.### ...",
+                   "3": "< think> the image shows too few squares.### ..."}
+    passed = {"0": (True, True), "1": (True, False), "2": (False, False), "3": (False, True)}
+    for folder, text in reflections.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "turn2.txt").write_text(text)
+    (tmp_path / "4").mkdir()  # a run without a reflection file is not counted
+    runs = [{"folder": f, "turn1": {"passed": p1}, "turn2": {"passed": p2}} for f, (p1, p2) in passed.items()]
+    runs.append({"folder": "4", "turn1": {"passed": True}, "turn2": {"passed": True}})
+    cells = demo.reflection_agreement(tmp_path, {"prompts": runs})
+    assert cells == {
+        "image1_passed": {"reflection_matches": {"runs": 1, "image2_passed": 1},
+                          "reflection_names_defect": {"runs": 1, "image2_passed": 0}},
+        "image1_failed": {"reflection_matches": {"runs": 1, "image2_passed": 0},
+                          "reflection_names_defect": {"runs": 1, "image2_passed": 1}}}
+    report = {**_report(), "reflection_agreement": cells}
+    demo.write_report(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    assert "| passed | matches | 1 | 1 |" in md and "| failed | names defect | 1 | 1 |" in md
