@@ -287,15 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     from irg_jax.verify.grid import render_grid, verdicts_from_scores
     from irg_jax.verify.results import result_folders
     trained = work / "samples" / "trained"
+    trained_scores = json.loads((trained / "scores.json").read_text())
     render_grid(result_folders(trained)[: plan.grid_rows], work / "grid.png",
-                verdicts=verdicts_from_scores(json.loads((trained / "scores.json").read_text())), root=trained)
+                verdicts=verdicts_from_scores(trained_scores), root=trained)
 
     t = accuracy["trained"]
     report = {
         "seed": args.seed, "quick": args.quick, "plan": dataclasses.asdict(plan),
         "num_prompts": len(held_out), "samples_per_prompt": plan.samples_per_prompt, "accuracy": accuracy,
         "margin_turn2_minus_turn1": t["turn2"]["overall"] - t["turn1"]["overall"],
-        "reflection_agreement": reflection_agreement(trained, json.loads((trained / "scores.json").read_text())),
+        "reflection_agreement": reflection_agreement(trained, trained_scores),
         "training": {"stage1": _final_metrics(s1), "stage2": _final_metrics(s2)},
         "own_images": json.loads((own / "world.json").read_text())["own_images"],
         "timings_s": {**stage.timings, "total": round(time.time() - t_start, 1)},
