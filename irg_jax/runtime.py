@@ -21,13 +21,36 @@ Decision, first match wins (``environ`` is ``os.environ`` unless given):
 e.g. one process per GPU; it applies to cases 2-5. Without it, inside a SLURM step with one
 task per node, every GPU of the node is kept, counted from ``SLURM_GPUS_ON_NODE`` or
 ``CUDA_VISIBLE_DEVICES`` (JAX's SLURM detection alone would keep only GPU ``SLURM_LOCALID``).
+
+Several processes on one machine (CPU, e.g. the 2-process test; jax's CPU collectives are Gloo
+by default)::
+
+    IRG_COORDINATOR_ADDRESS=localhost:1234 IRG_NUM_PROCESSES=2 IRG_PROCESS_ID=0 \
+        XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m irg_jax.train ... &
+    IRG_COORDINATOR_ADDRESS=localhost:1234 IRG_NUM_PROCESSES=2 IRG_PROCESS_ID=1 \
+        XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m irg_jax.train ...
+
+Under multi-controller JAX every process runs the same program: anything that touches a
+global array (steps, checkpoint saves and restores, the export, sample grids) is called by all
+processes, and only files that one writer produces (metrics, config, PNGs) are written by
+:func:`is_primary`. The collectives below (:func:`any_process`, :func:`agreed_int`) are how
+processes agree on host-side decisions.
+
+Compilation can take very different times on different processes (JAX's persistent cache is
+written by process 0 only, and on CPU its keys differ between processes, so process 0 loads
+from the cache what the others compile), while the Gloo CPU collectives give processes only
+30 s to meet when a group of devices first communicates. :class:`SyncedJit` therefore
+compiles each new executable ahead of its first run and lets no process run it before every
+process has compiled it (:func:`barrier`).
 """
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 from absl import logging
 
 _FALSE = ("0", "false", "no", "off")
@@ -123,6 +146,66 @@ def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> bo
 def is_primary() -> bool:
     """True on process 0, the one that writes logs, metrics and other single-writer files."""
     return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` is true on any process. A collective: every process must call it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))))
+
+
+def agreed_int(value: int | None, what: str) -> int | None:
+    """``value`` (None allowed), checked to be the same on every process; raises on every process
+    if not (rather than letting processes with different views run different collectives)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    local = np.asarray([-1 if value is None else int(value)], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(local)).reshape(-1)
+    if np.any(every != every[0]):
+        raise RuntimeError(f"processes disagree on {what}: {every.tolist()} (process 0 first)")
+    return None if every[0] < 0 else int(every[0])
+
+
+_BARRIER_USES: collections.Counter = collections.Counter()
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Block until every process reaches this barrier (all processes pass the same names in the
+    same order; the n-th use of a name is its own barrier). Uses the ``jax.distributed``
+    coordination service, not a device collective, so its timeout is ours to choose."""
+    if jax.process_count() == 1:
+        return
+    _BARRIER_USES[name] += 1
+    from jax._src import distributed  # jax 0.10 has no public handle on the coordination-service barrier
+    distributed.global_state.client.wait_at_barrier(f"irg_jax/{name}/{_BARRIER_USES[name]}", int(timeout_s * 1000))
+
+
+class SyncedJit:
+    """A ``jax.jit`` function, compiled ahead of its first call per input signature (shapes,
+    dtypes, tree structure); with several processes, all of them meet at a :func:`barrier`
+    between compiling a new executable and running it (see the module docstring)."""
+
+    def __init__(self, jitted: Callable, name: str):
+        self._jitted, self._name = jitted, name
+        self._compiled: dict = {}
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._compiled)
+
+    def __call__(self, *args):
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "weak_type", False))
+                              for x in leaves))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._jitted.lower(*args).compile()
+            self._compiled[key] = compiled
+            barrier(f"{self._name}/compiled")
+        return compiled(*args)
 
 
 class _QuietLibraries:

@@ -4,6 +4,13 @@ The config file's ``get_config(arg)`` builds the config; ``--config.a.b=v`` over
 key (unknown keys are rejected). The resolved config is validated before any device work
 and written to ``DIR/config.json``. Re-running the same command resumes from the latest
 complete checkpoint in DIR.
+
+Several processes (hosts) train one model when the environment says so (``irg_jax.runtime``):
+``IRG_COORDINATOR_ADDRESS=host:port IRG_NUM_PROCESSES=N IRG_PROCESS_ID=i`` on every process,
+all with the same command line and a DIR they all see; or ``IRG_DISTRIBUTED=1`` to let JAX
+detect the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes). Each process loads only the rows
+of the global batch its devices hold; process 0 writes config.json, metrics and sample PNGs;
+all processes write the checkpoints and the export together.
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@
   to a temporary directory and renames on commit, so a killed save is never picked);
 - restore into any mesh: the target's shardings come from the current run, and Orbax
   reshards on read.
+
+Multi-process: every process calls every method (Orbax saves and restores the array shards
+collectively and writes the shared files from process 0; the Grain iterator state is one file
+per process). The resume step is checked to be the same on every process.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from irg_jax import runtime
 
 
 class Checkpointer:
@@ -27,7 +33,8 @@ class Checkpointer:
         self._config_json = config.to_dict()
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The latest complete step, the same on every process (a collective when multi-process)."""
+        return runtime.agreed_int(self.manager.latest_step(), f"the latest checkpoint in {self.directory}")
 
     def save(self, step: int, state: Any, data_iterator: Any | None, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state),

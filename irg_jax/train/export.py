@@ -7,6 +7,10 @@ Layout of an export directory (what ``irg_jax.generate --checkpoint`` reads, and
     DIR/model_config.json
     DIR/export.json     {"source": ..., "step": ..., "dtype": ...}
     DIR/tokenizer/      optional: tokenizer files (tokenizer.json or vocab.json)
+
+Multi-process: :func:`save_params` and :func:`export_for_inference` must be called by every
+process (Orbax writes the parameter shards collectively); the small files are written by
+process 0 only.
 """
 from __future__ import annotations
 
@@ -21,17 +25,20 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from irg_jax import runtime
+
 
 def save_params(directory: str | pathlib.Path, params: Any, model_cfg: ml_collections.ConfigDict,
                 info: dict, tokenizer_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Write ``params`` (global arrays, any sharding) and the files beside them; every process calls it."""
     directory = pathlib.Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "params"
-    if target.exists():
-        shutil.rmtree(target)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, params)
+        # force: an earlier export is replaced; Orbax removes it on process 0 and synchronises.
+        ckptr.save(directory / "params", params, force=True)
         ckptr.wait_until_finished()
+    if not runtime.is_primary():
+        return directory
     (directory / "model_config.json").write_text(model_cfg.to_json_best_effort(indent=2))
     (directory / "export.json").write_text(json.dumps(info, indent=2))
     if tokenizer_dir:
@@ -102,14 +109,16 @@ def _check_structure(stored: Any, wanted: Any, path: pathlib.Path) -> None:
 
 def export_for_inference(state, bundle, config: ml_collections.ConfigDict, workdir: str,
                          ae_source: pathlib.Path | None = None) -> pathlib.Path:
-    """Write the EMA (or the raw params without EMA) in the model's compute dtype to WORKDIR/export."""
+    """Write the EMA (or the raw params without EMA) in the model's compute dtype to WORKDIR/export.
+
+    Every process calls it (see the module docstring)."""
     source = "ema" if state.ema else "params"
     dtype = jnp.dtype(config.model.dtype)
     params = jax.tree.map(lambda x: x.astype(dtype), state.ema if state.ema else state.params)
     out = save_params(pathlib.Path(workdir) / "export", params, config.model,
                       {"source": source, "step": int(state.step), "dtype": str(dtype)},
                       tokenizer_dir=config.data.get("tokenizer_path") or None)
-    if ae_source is not None:  # the frozen FLUX autoencoder travels with the export
+    if ae_source is not None and runtime.is_primary():  # the frozen FLUX autoencoder travels with the export
         shutil.copy(ae_source, out / pathlib.Path(ae_source).name)
     logging.info("exported %s params (%s) to %s", source, dtype, out)
     return out

@@ -2,6 +2,12 @@
 
 Everything configurable lives in the config; everything reusable lives in its own
 module (model_setup, step, optimizer, checkpointing, metrics, mfu, export).
+
+Multi-process (``jax.distributed``, see ``irg_jax.runtime``): every process runs this loop
+over the same global arrays and takes part in every step, checkpoint save and restore, sample
+grid and the export; process 0 alone writes metrics, TensorBoard and PNG files. Host-side
+decisions that could differ between processes are agreed on collectively: the resume step,
+and whether a SIGTERM arrived (checked on every process at each log and checkpoint step).
 """
 from __future__ import annotations
 
@@ -33,7 +39,11 @@ class NonFiniteError(RuntimeError):
 
 
 class _Sigterm:
-    """Turns SIGTERM into a flag the loop checks between steps (save, then exit 0)."""
+    """Turns SIGTERM into a flag the loop checks between steps (save, then exit 0).
+
+    With one process the flag is read after every step. With several, processes may get the
+    signal at different steps, so they stop only where they agree: at the sync points (log and
+    checkpoint steps), where one collective tells every process whether any got it."""
 
     def __init__(self):
         self.received = False
@@ -42,6 +52,11 @@ class _Sigterm:
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and exiting")
         self.received = True
+
+    def stop(self, sync_point: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.received
+        return sync_point and runtime.any_process(self.received)
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -96,6 +111,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data_iter, budgets = pipeline.make_train_iterator(
         config.data, config.model, tokenizer, seed=config.seed, batch_size=config.batch_size,
         sharding=batch_sharding)
+    logging.info("data: process %d of %d builds batch rows [%d, %d) of %d", jax.process_index(), jax.process_count(),
+                 data_iter.rows[0], data_iter.rows[-1] + 1, config.batch_size)
+    # The first cross-process collectives follow: start them together (see runtime.SyncedJit).
+    runtime.barrier("train/start")
     ckpt = checkpointing.Checkpointer(workdir, config)
     start = ckpt.latest_step()
     if start is not None:
@@ -111,12 +130,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = jax.jit(create, out_shardings=state_shardings, donate_argnums=0)(params)
 
     forward = model_setup.make_forward(bundle)
-    step_fn = jax.jit(
+    step_fn = runtime.SyncedJit(jax.jit(
         make_train_step(forward, tx, schedule, config, step_frozen_fn(bundle.abstract_params, config.freeze)),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-        donate_argnums=0)
+        donate_argnums=0), "train_step")
 
-    peak, peak_source = mfu_lib.peak_flops_per_device()
+    # Only process 0 reports MFU; on CPU the peak is a timed matmul, which the others can skip.
+    peak, peak_source = mfu_lib.peak_flops_per_device() if primary else (float("nan"), "not measured here")
     peak_devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()  # CPU: one host peak
     logging.info("peak %.3g FLOP/s per device (%s)", peak, peak_source)
     progress = ProgressLine(config.total_steps, start)
@@ -125,7 +145,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flops_per_step = step_flops(config, budgets[-1])
     window_t0, window_steps, window_tokens, window = time.perf_counter(), 0, 0.0, None
     guard, pending = _NonFiniteGuard(config.nan_guard.max_consecutive, ckpt), None
-    samples = TrainingSamples(config, bundle, tokenizer, workdir, writer) if config.sample_every and primary else None
+    samples = TrainingSamples(config, bundle, tokenizer, workdir, writer, mesh) if config.sample_every else None
+    stopped = False
     try:
         with jax.set_mesh(mesh), activation_rules(rules):
             for step in range(start, config.total_steps):
@@ -150,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     scalars.update(
                         step_time=elapsed / window_steps, tokens_per_s=float(window_tokens) / elapsed,
                         mfu=mfu_lib.mfu(flops_per_step, elapsed / window_steps, peak, peak_devices),
-                        nonfinite_total=int(state.nonfinite_total), compilations=step_fn._cache_size(),
+                        nonfinite_total=int(state.nonfinite_total), compilations=step_fn.num_compiled,
                         **data_iter.metrics())
                     writer.write(done, scalars)
                     progress.log(done, scalars)
@@ -158,15 +179,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     window_t0, window_steps, window_tokens, window = time.perf_counter(), 0, 0.0, None
                 if samples and done % config.sample_every == 0:
                     samples(done, state.ema or state.params)
-                if done % config.checkpoint_every == 0 or done == config.total_steps or sigterm.received:
+                save_step = done % config.checkpoint_every == 0 or done == config.total_steps
+                stopped = sigterm.stop(sync_point=save_step or done % config.log_every == 0)
+                if save_step or stopped:
                     if pending:  # never checkpoint past an unchecked step
                         guard.check(*pending)
                         pending = None
                     ckpt.save(done, state, data_iter, force=True)
-                if sigterm.received:
+                if stopped:
                     break
         ckpt.wait()
-        if primary and not sigterm.received:
+        if not stopped:  # every process writes its shards of the export
             export.export_for_inference(state, bundle, config, workdir,
                                         ae_source=init_from.autoencoder_file(config))
     finally:
