@@ -9,6 +9,14 @@ DIR is an export directory (``DIR/params``, ``DIR/model_config.json``, ``DIR/tok
 
 ``--prompts FILE``: one prompt per line, or JSON lines with a ``prompt`` field. All
 defaults are IRG's (spec §6.6); the whole loop of a batch is one compiled program.
+
+Devices: the same mesh options as training. ``--mesh data=..,fsdp=..,tensor=..`` (default:
+the training default, every device on ``fsdp``; or the ``mesh`` of ``--train_config``) and
+the logical-axis rules (``--rules``, or ``sharding.rules`` of ``--train_config``): the
+parameters are restored sharded by the rules, the prompt rows split over ``('data',
+'fsdp')``; a batch that the data-parallel size does not divide is padded (the padding is
+dropped). ``--batch_size`` defaults to the data-parallel size. Under multi-process JAX every
+process runs this command with the same arguments; process 0 writes the files.
 """
 from __future__ import annotations
 
@@ -19,14 +27,25 @@ import os
 import pathlib
 import sys
 
+from irg_jax.config.schema import DEFAULT_RULES, FSDP_TENSOR_RULES
 from irg_jax.inference.irg_loop import InferenceConfig, TurnGuidance
+
+RULE_SETS = {"default": DEFAULT_RULES, "fsdp_tensor": FSDP_TENSOR_RULES}
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     d = InferenceConfig()
     p.add_argument("--checkpoint", required=True, help="export directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir/file (default: DIR/tokenizer)")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="prompts per compiled batch (default: the data-parallel size of the mesh)")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=2,fsdp=4,tensor=1 (-1 fills the rest; default: data=1,fsdp=-1,tensor=1 "
+                        "or the mesh of --train_config)")
+    p.add_argument("--rules", choices=sorted(RULE_SETS), default=None,
+                   help="logical-axis sharding rules (default: 'default', or sharding.rules of --train_config)")
+    p.add_argument("--train_config", default=None,
+                   help="a training config file (path.py[:arg]) whose mesh and sharding.rules to use")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image_size", type=int, nargs="+", default=None,
                    help="H [W] in pixels (default: 1024, or the largest the model's latent table allows)")
@@ -78,15 +97,49 @@ def inference_config(args, model_cfg) -> InferenceConfig:
         system_prompt=system, vit_max_size=args.vit_max_size, vit_min_size=args.vit_min_size)
 
 
-def build_runner(args):
+def mesh_and_rules(args, devices=None):
+    """The device mesh and sharding rules the flags ask for (same options as training)."""
+    import jax
+    from irg_jax.config import base_config, load_config_file
+    from irg_jax.parallel.mesh import build_mesh
+    from irg_jax.plan import parse_mesh
+
+    train = load_config_file(args.train_config) if args.train_config else base_config()
+    shape = dict(train.mesh)
+    if args.mesh:
+        try:
+            shape = {a: 1 for a in shape} | parse_mesh(args.mesh)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    rules = RULE_SETS[args.rules] if args.rules else tuple(tuple(r) for r in train.sharding.rules)
+    try:
+        return build_mesh(shape, devices), rules
+    except ValueError as e:
+        raise SystemExit(f"--mesh: {e} ({len(devices or jax.devices())} devices)") from None
+
+
+def build_runner(args, devices=None):
     from irg_jax.inference import runner
+    from irg_jax.inference.placement import Placement
     from irg_jax.train.export import load_model_config
     config = inference_config(args, load_model_config(args.checkpoint))
-    return runner.from_checkpoint(args.checkpoint, config, args.batch_size, args.tokenizer)
+    mesh, rules = mesh_and_rules(args, devices)
+    batch_size = args.batch_size or Placement.make(mesh, rules).data_parallel
+    return runner.from_checkpoint(args.checkpoint, config, batch_size, args.tokenizer, mesh=mesh, rules=rules)
 
 
 def settings_record(runner, seed: int) -> dict:
-    return {"seed": seed, "batch_size": runner.batch_size, **dataclasses.asdict(runner.config)}
+    record = {"seed": seed, "batch_size": runner.batch_size, **dataclasses.asdict(runner.config)}
+    placement = getattr(getattr(runner, "program", None), "placement", None)
+    if placement is not None:
+        record["mesh"] = dict(placement.mesh.shape)
+    return record
+
+
+def is_writer() -> bool:
+    """Process 0 writes the files (every process runs the generation)."""
+    import jax
+    return jax.process_index() == 0
 
 
 def write_turns(folder: pathlib.Path, result, prefix: str = "turn", suffix: str = "") -> None:
@@ -114,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     settings = settings_record(runner, args.seed)
     done = 0
-    for batch in runner.run(prompts, args.seed):
+    for batch in runner.run(prompts, args.seed, progress=is_writer()):
+        if not is_writer():
+            continue
         for result in batch:
             folder = out / str(result.row_id)
             write_turns(folder, result)

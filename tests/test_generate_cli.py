@@ -1,8 +1,12 @@
-"""``python -m irg_jax.generate`` on a tiny random-init export writes every promised file."""
+"""``python -m irg_jax.generate`` on a tiny random-init export writes every promised file (on a
+data=2 x fsdp=4 mesh of the 8 simulated devices; tests/test_generate_sharded.py compares the
+sharded program with the single-device one)."""
+import argparse
 import json
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 from PIL import Image
 
@@ -13,7 +17,14 @@ from irg_jax.model.bagel import Bagel
 from irg_jax.train.export import save_params
 
 
-def _export(tmp_path):
+# The sampling flags of the CLI test; tests/test_generate_sharded.py runs the same bucket on the same
+# mesh, so its sharded program is the one compiled here (a persistent-cache hit in a full run).
+SAMPLING = ["--num_steps", "3", "--max_think_tokens", "6", "--max_prompt_tokens", "12", "--image_size", "32",
+            "--system_prompt", "plan then draw it", "--cfg_text", "3.5", "--vit_max_size", "28"]
+MESH = ["--mesh", "data=2,fsdp=4"]
+
+
+def tiny_export(tmp_path):
     tok = WordTokenizer.from_corpus(["a red square left of a blue circle", "<think> plan </think> draw it"])
     cfg = model_config.tiny()  # 2 layers; a parameter-free autoencoder keeps the export to params only
     cfg.autoencoder.update(kind="identity", z_channels=3 * 8 ** 2, scale_factor=1.0, shift_factor=0.0)
@@ -28,15 +39,13 @@ def _export(tmp_path):
 
 
 def test_generate_cli_writes_turns_and_results(tmp_path):
-    export = _export(tmp_path)
+    export = tiny_export(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red square"}\n\n{"prompt": "a blue circle left of a red square"}\n'
                        '{"prompt": "draw it"}\n')
     out = tmp_path / "out"
     rc = generate.main(["--checkpoint", str(export), "--prompts", str(prompts), "--out", str(out),
-                        "--batch_size", "2", "--seed", "7", "--num_steps", "3", "--max_think_tokens", "6",
-                        "--max_prompt_tokens", "12", "--image_size", "32", "--system_prompt", "plan then draw it",
-                        "--cfg_text", "3.5", "--vit_max_size", "28"])
+                        "--batch_size", "2", "--seed", "7", *MESH, *SAMPLING])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2"]  # 3 prompts, 2 batches (last one padded)
     for i, prompt in enumerate(["a red square", "a blue circle left of a red square", "draw it"]):
@@ -51,7 +60,22 @@ def test_generate_cli_writes_turns_and_results(tmp_path):
         s = record["settings"]
         assert s["seed"] == 7 and s["num_steps"] == 3 and s["turn1"]["text_scale"] == 3.5
         assert s["refine"]["renorm"] == "text_channel" and s["system_prompt"] == "plan then draw it"
+        assert s["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and s["batch_size"] == 2
         assert all(t["num_tokens"] <= 5 for t in record["turns"])
+
+
+def test_mesh_flags(tmp_path):
+    from irg_jax.config import FSDP_TENSOR_RULES
+    p = argparse.ArgumentParser()
+    generate.add_sampling_flags(p)
+    args = p.parse_args(["--checkpoint", "x", "--mesh", "data=2,fsdp=-1", "--rules", "fsdp_tensor"])
+    mesh, rules = generate.mesh_and_rules(args)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1} and rules == FSDP_TENSOR_RULES
+    mesh, _ = generate.mesh_and_rules(p.parse_args(["--checkpoint", "x"]))  # the training default: all on fsdp
+    assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    for bad in ("data=3,fsdp=4", "pipeline=2"):
+        with pytest.raises(SystemExit, match="mesh"):
+            generate.mesh_and_rules(p.parse_args(["--checkpoint", "x", "--mesh", bad]))
 
 
 class _FakeRunner:

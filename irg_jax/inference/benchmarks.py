@@ -17,6 +17,9 @@ Layouts (see irg_jax/inference/README.md for running the official scorers):
 
 Row ids (the per-row random stream) are the prompt index times the number of samples
 plus the sample index, so a rerun with the same seed reproduces every image.
+
+The mesh flags are those of ``irg_jax.generate`` (``--mesh``, ``--rules``, ``--train_config``):
+parameters sharded like in training, prompt rows split over the data axes.
 """
 from __future__ import annotations
 
@@ -66,14 +69,16 @@ def _need(record: dict, key: str, where: str):
     return record[key]
 
 
-def geneval_jobs(data: pathlib.Path, out: pathlib.Path, samples: int, turn: int, settings: dict) -> Iterator[Job]:
+def geneval_jobs(data: pathlib.Path, out: pathlib.Path, samples: int, turn: int, settings: dict,
+                 write_files: bool = True) -> Iterator[Job]:
     for idx, meta in enumerate(_read_jsonl(data)):
         prompt = _need(meta, "prompt", f"{data} line {idx + 1}")
         folder = out / f"{idx:05d}"
-        (folder / "irg").mkdir(parents=True, exist_ok=True)
-        (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False) + "\n", encoding="utf-8")
-        # the scorer lists <out>/*/ as prompt folders: settings go inside each one
-        (folder / "irg" / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+        if write_files:
+            (folder / "irg").mkdir(parents=True, exist_ok=True)
+            (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False) + "\n", encoding="utf-8")
+            # the scorer lists <out>/*/ as prompt folders: settings go inside each one
+            (folder / "irg" / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
         for k in range(samples):
             def write(result, folder=folder, k=k):
                 _save_png(_pick(result, turn).image, folder / "samples" / f"{k:05d}.png")
@@ -121,28 +126,36 @@ def tiif_jobs(data: pathlib.Path, out: pathlib.Path, model_name: str) -> Iterato
                 row += 1
 
 
-def run_jobs(runner, jobs: list[Job], seed: int) -> int:
+def run_jobs(runner, jobs: list[Job], seed: int, write_files: bool = True) -> int:
+    """Run the jobs in batches of ``runner.batch_size``; ``write_files`` False: generate only (the
+    other processes of a multi-process run)."""
     from tqdm import tqdm
-    with tqdm(total=len(jobs), desc="prompts", unit="prompt") as bar:
+    with tqdm(total=len(jobs), desc="prompts", unit="prompt", disable=not write_files) as bar:
         for s in range(0, len(jobs), runner.batch_size):
             chunk = jobs[s:s + runner.batch_size]
-            for job, result in zip(chunk, runner.run_batch([j.prompt for j in chunk], [j.row_id for j in chunk],
-                                                           seed)):
-                job.write(result)
+            results = runner.run_batch([j.prompt for j in chunk], [j.row_id for j in chunk], seed)
+            if write_files:
+                for job, result in zip(chunk, results):
+                    job.write(result)
             bar.update(len(chunk))
     return len(jobs)
 
 
 def run_benchmark(runner, benchmark: str, data: pathlib.Path, out: pathlib.Path, *, seed: int, settings: dict,
                   samples: int = 4, turn: int = 0, model_name: str = "IRG-JAX") -> int:
-    """Write ``benchmark``'s layout for every prompt of ``data``; returns the number of generations."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``benchmark``'s layout for every prompt of ``data``; returns the number of generations.
+
+    Under multi-process JAX every process runs the generations; process 0 writes the files."""
+    primary = generate.is_writer()
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
     if benchmark == "geneval":
-        jobs = list(geneval_jobs(data, out, samples, turn, settings))
+        jobs = list(geneval_jobs(data, out, samples, turn, settings, write_files=primary))
     else:
         jobs = list(wise_jobs(data, out, turn) if benchmark == "wise" else tiif_jobs(data, out, model_name))
-        (out / "irg_settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
-    return run_jobs(runner, jobs, seed)
+        if primary:
+            (out / "irg_settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    return run_jobs(runner, jobs, seed, write_files=primary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = generate.settings_record(runner, args.seed)
     n = run_benchmark(runner, args.benchmark, data, out, seed=args.seed, settings=settings, samples=args.samples,
                       turn=args.turn, model_name=args.model_name)
-    print(f"{args.benchmark}: wrote {n} generations to {out}", file=sys.stderr)
+    if generate.is_writer():
+        print(f"{args.benchmark}: wrote {n} generations to {out}", file=sys.stderr)
     return 0
 
 

@@ -23,9 +23,10 @@ BAGEL's ``global`` norm spans the whole packed batch (it supports batch 1 only);
 is taken per image, which is the same thing at batch 1.
 
 Branches are evaluated as one batched forward: the caller's ``velocity_all`` maps the
-latents tiled K times along the batch (branch-major: [cond | text-uncond | img-uncond])
-to K velocities. Scales, interval, shift and renorm_min are traced values; the renorm
-type and the set of branches are static.
+latents repeated K times along the batch (row-major: row b's branches [cond, text-uncond,
+img-uncond] are rows b*K .. b*K+K-1, so a row's branches stay on the device holding the
+row when the batch is sharded) to K velocities. Scales, interval, shift and renorm_min are
+traced values; the renorm type and the set of branches are static.
 """
 from __future__ import annotations
 
@@ -121,9 +122,10 @@ def sample(noise: jax.Array, *, num_steps: int, shift, num_branches: int, veloci
     schedule is scaled into [0, t_start] (same number of steps).
 
     ``num_branches`` (static) is 1 (no guidance), 2 (text) or 3 (text and image).
-    ``velocity_all(x_tiled [K*B, N, D], t [K*B])`` evaluates all K branches in one forward;
+    ``velocity_all(x_repeated [B*K, N, D], t [B*K])`` evaluates all K branches of every row
+    in one forward (row-major: rows b*K .. b*K+K-1 are row b's branches);
     ``velocity_cond(x, t)`` only the conditional one (used on steps without guidance;
-    defaults to the first block of ``velocity_all``).
+    defaults to the conditional rows of ``velocity_all``).
     """
     if num_branches not in (1, 2, 3):
         raise ValueError(f"num_branches must be 1, 2 or 3, got {num_branches}")
@@ -135,14 +137,13 @@ def sample(noise: jax.Array, *, num_steps: int, shift, num_branches: int, veloci
     def cond_only(x, t_rows):
         if velocity_cond is not None:
             return velocity_cond(x, t_rows).astype(jnp.float32)
-        tiled = jnp.concatenate([x] * num_branches, axis=0)
-        return velocity_all(tiled, jnp.concatenate([t_rows] * num_branches))[:b].astype(jnp.float32)
+        v = velocity_all(jnp.repeat(x, num_branches, axis=0), jnp.repeat(t_rows, num_branches))
+        return v[::num_branches].astype(jnp.float32)
 
     def guided_velocity(x, t_rows):
-        v = velocity_all(jnp.concatenate([x] * num_branches, axis=0),
-                         jnp.concatenate([t_rows] * num_branches)).astype(jnp.float32)
-        v = v.reshape((num_branches, b) + x.shape[1:])
-        return combine_guidance(v[0], v[1], v[2] if num_branches == 3 else None, guidance.text_scale,
+        v = velocity_all(jnp.repeat(x, num_branches, axis=0), jnp.repeat(t_rows, num_branches)).astype(jnp.float32)
+        v = v.reshape((b, num_branches) + x.shape[1:])
+        return combine_guidance(v[:, 0], v[:, 1], v[:, 2] if num_branches == 3 else None, guidance.text_scale,
                                 guidance.img_scale, renorm_type, guidance.renorm_min)
 
     def step(x, i):

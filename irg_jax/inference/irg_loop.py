@@ -18,7 +18,10 @@ For a batch of prompts (one cache row each):
 
 Text-unconditional contexts are prefixes of the conditional cache, so they are the same
 arrays with a shorter length (no copy until the branches are stacked for the sampler).
-The three branches are stacked along the batch and evaluated in one forward per step.
+The branches are interleaved along the batch (row-major: a row's contexts stay on the device
+holding the row) and evaluated in one forward per step. The loop is written as phases
+(:func:`think_phase`, :func:`image_phase`, :func:`reflect_phase`, :func:`refine_phase`) that
+``irg_jax.inference.plan`` also compiles one by one.
 
 Static (part of the compiled bucket): batch size, prompt width, image size, num_steps,
 max_think_tokens, top_k/top_p, renorm types, number of rounds. Traced: temperature,
@@ -37,6 +40,7 @@ from flax import nnx
 
 from irg_jax.data.trajectories import SYSTEM_PROMPT_FULL
 from irg_jax.inference import feedback, flow
+from irg_jax.inference.placement import Placement, constrain_cache, constrain_rows, to_host
 from irg_jax.inference.sampling import Generated, TextSampling, generate_segment
 from irg_jax.model import kv_cache
 from irg_jax.model.config import latent_token_dim
@@ -142,11 +146,16 @@ def prefix_view(cache: KVCache, length: jax.Array, rope: jax.Array) -> KVCache:
 
 
 def stack_branches(caches: list[KVCache]) -> KVCache:
-    """Concatenate caches along the batch (branch-major), for one forward over all branches."""
+    """Interleave caches along the batch, row-major (row b's K contexts at rows b*K .. b*K+K-1), for
+    one forward over all branches; a row's contexts stay on the device that holds the row."""
     if len(caches) == 1:
         return caches[0]
-    return KVCache(*(jnp.concatenate(parts, axis=ax) for parts, ax in
-                     zip(zip(*caches), (1, 1, 0, 0))))
+
+    def interleave(parts, axis):
+        x = jnp.stack(parts, axis=axis + 1)
+        return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+    return KVCache(*(interleave(parts, ax) for parts, ax in zip(zip(*caches), (1, 1, 0, 0))))
 
 
 def canonical_segment(gen: Generated, bos: int, eos: int) -> tuple[jax.Array, jax.Array]:
@@ -162,19 +171,19 @@ def canonical_segment(gen: Generated, bos: int, eos: int) -> tuple[jax.Array, ja
 def generate_latents(model, branches: list[KVCache], noise: jax.Array, pos_ids: jax.Array, *, num_steps: int,
                      shift, guidance: flow.Guidance, renorm_type: str, record: bool = False, t_start=1.0):
     """Sample latent tokens [B, N, D_lat] against 1-3 contexts [cond, text-uncond, img-uncond]."""
-    stacked = stack_branches(branches)
+    stacked = constrain_cache(stack_branches(branches))
     k = len(branches)
-    pos_all = jnp.concatenate([pos_ids] * k, axis=0)
+    pos_all = jnp.repeat(pos_ids, k, axis=0)
 
     def velocity_all(x, t):
-        return kv_cache.query_noisy_latents(model, stacked, x, t, pos_all)
+        return constrain_rows(kv_cache.query_noisy_latents(model, stacked, x, t, pos_all))
 
     def velocity_cond(x, t):
-        return kv_cache.query_noisy_latents(model, branches[0], x, t, pos_ids)
+        return constrain_rows(kv_cache.query_noisy_latents(model, branches[0], x, t, pos_ids))
 
-    return flow.sample(noise, num_steps=num_steps, shift=shift, num_branches=k, velocity_all=velocity_all,
-                       velocity_cond=velocity_cond, guidance=guidance, renorm_type=renorm_type, record=record,
-                       t_start=t_start)
+    return flow.sample(constrain_rows(noise), num_steps=num_steps, shift=shift, num_branches=k,
+                       velocity_all=velocity_all, velocity_cond=velocity_cond, guidance=guidance,
+                       renorm_type=renorm_type, record=record, t_start=t_start)
 
 
 def _row_keys(keys: jax.Array, purpose: int) -> jax.Array:
@@ -182,10 +191,10 @@ def _row_keys(keys: jax.Array, purpose: int) -> jax.Array:
 
 
 def _row_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+    return constrain_rows(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys))
 
 
-# ------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------ the loop, phase by phase
 
 def given_think(model_cfg, seg_ids: jax.Array, seg_len: jax.Array, max_tokens: int) -> Generated:
     """A think supplied as ``[bos] ids [eos]`` segments, shaped like a sampled one."""
@@ -196,6 +205,106 @@ def given_think(model_cfg, seg_ids: jax.Array, seg_len: jax.Array, max_tokens: i
     b = seg_ids.shape[0]
     return Generated(body.astype(jnp.int32), length.astype(jnp.int32), jnp.ones((b,), bool),
                      jnp.zeros((b, model_cfg.llm.vocab_size), jnp.float32))
+
+
+class Prefix(NamedTuple):
+    """Length and RoPE position of an earlier state of a cache (a text-unconditional context)."""
+
+    length: jax.Array
+    rope: jax.Array
+
+    @staticmethod
+    def of(cache: KVCache) -> "Prefix":
+        return Prefix(cache.length, cache.rope)
+
+    def view(self, cache: KVCache) -> KVCache:
+        return prefix_view(cache, self.length, self.rope)
+
+
+def _grid(model_cfg, static: StaticSettings) -> feedback.ImageGrid:
+    return feedback.image_grid(model_cfg, *static.image_size, static.vit_max_size, static.vit_min_size)
+
+
+def _positions(grid: feedback.ImageGrid, b: int) -> tuple[jax.Array, jax.Array]:
+    return (jnp.broadcast_to(jnp.asarray(grid.latent_pos), (b, grid.num_latent_tokens)),
+            jnp.broadcast_to(jnp.asarray(grid.vit_pos), (b, grid.num_vit_tokens)))
+
+
+def think_phase(model, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len,
+                row_keys, think1=None) -> tuple[KVCache, Prefix, Generated]:
+    """Prefill [SYS, P] into a new cache, then sample (or prefill a given) think 1.
+
+    Returns (cond cache, the [SYS]-only prefix = turn 1's text-uncond context, think 1)."""
+    cfg = model.cfg
+    capacity = cache_capacity(cfg, static, sys_ids.shape[1], prompt_ids.shape[1])
+    cond = constrain_cache(kv_cache.init_cache(cfg, sys_ids.shape[0], capacity))
+    cond, _ = kv_cache.append_text(model, cond, sys_ids, sys_len)
+    sys_only = Prefix.of(cond)
+    cond, _ = kv_cache.append_text(model, constrain_cache(cond), prompt_ids, prompt_len)
+    if think1 is None:
+        cond, think = generate_segment(model, constrain_cache(cond), _row_keys(row_keys, 0),
+                                       max_tokens=static.max_think_tokens,
+                                       settings=TextSampling(dyn.temperature, static.top_k, static.top_p))
+    else:
+        cond, _ = kv_cache.append_text(model, constrain_cache(cond), *think1)
+        think = given_think(cfg, *think1, static.max_think_tokens)
+    return constrain_cache(cond), sys_only, think
+
+
+def image_phase(model, ae, static: StaticSettings, dyn: DynamicSettings, branches: list[KVCache], x_start,
+                round_: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Sample one image per row against 2 (turn 1) or 3 (refinements) contexts and decode it.
+
+    ``x_start``: x at t = 1 (turn 1), or at t = ``refine_start`` (refinements). Returns
+    (latent tokens [B, N, D_lat] float32, uint8 images [B, H, W, 3])."""
+    cfg = model.cfg
+    grid = _grid(cfg, static)
+    lat_pos, _ = _positions(grid, x_start.shape[0])
+    if round_ == 0:
+        latents = generate_latents(model, branches, x_start, lat_pos, num_steps=static.num_steps,
+                                   shift=dyn.timestep_shift, guidance=dyn.turn1, renorm_type=static.turn1_renorm)
+    else:
+        latents = generate_latents(model, branches, x_start, lat_pos, num_steps=static.num_steps,
+                                   shift=dyn.refine_shift, guidance=dyn.refine, renorm_type=static.refine_renorm,
+                                   t_start=dyn.refine_start)
+    latents = constrain_rows(latents)
+    return latents, constrain_rows(feedback.to_uint8(feedback.decode_latents(ae, latents, grid, cfg)))
+
+
+def reflect_phase(model, ae, static: StaticSettings, dyn: DynamicSettings, cond: KVCache, image: jax.Array,
+                  row_keys, round_: int) -> tuple[KVCache, Prefix, jax.Array, Generated]:
+    """Feed image r back (clean VAE copy, ViT copy) and sample the reflection.
+
+    Returns (cond cache, its prefix before the reflection = the text-uncond context, the
+    fed-back latent tokens, the reflection)."""
+    cfg = model.cfg
+    grid = _grid(cfg, static)
+    lat_pos, vit_pos = _positions(grid, image.shape[0])
+    latent_hw = (grid.height // cfg.autoencoder.downsample, grid.width // cfg.autoencoder.downsample)
+    eps = _row_normal(_row_keys(row_keys, 10 * round_ + 2), latent_hw + (cfg.autoencoder.z_channels,))
+    fed_back = constrain_rows(feedback.vae_tokens(ae, image, eps, cfg))  # the clean copy of the previous image
+    cond = constrain_cache(kv_cache.append_vae_image(model, cond, fed_back, lat_pos))
+    if cfg.vit.enabled:
+        cond = constrain_cache(kv_cache.append_vit_image(
+            model, cond, feedback.vit_patches(image, grid, cfg.vit.patch_size), vit_pos))
+    before_reflection = Prefix.of(cond)
+    cond, think = generate_segment(model, cond, _row_keys(row_keys, 10 * round_), max_tokens=static.max_think_tokens,
+                                   settings=TextSampling(dyn.temperature, static.top_k, static.top_p))
+    return constrain_cache(cond), before_reflection, fed_back, think
+
+
+def refine_phase(model, ae, static: StaticSettings, dyn: DynamicSettings, cond: KVCache,
+                 before_reflection: Prefix, before_image: KVCache, think: Generated, fed_back: jax.Array,
+                 row_keys, round_: int) -> tuple[jax.Array, jax.Array]:
+    """Image r + 1 against cond, text-uncond (cond without the reflection) and img-uncond
+    (the context before image r, plus the reflection)."""
+    cfg = model.cfg
+    seg, seg_len = canonical_segment(think, cfg.special_ids.bos, cfg.special_ids.eos)
+    img_uncond, _ = kv_cache.append_text(model, before_image, seg, seg_len)
+    noise = _row_normal(_row_keys(row_keys, 10 * round_ + 1), fed_back.shape[1:])
+    start = dyn.refine_start
+    return image_phase(model, ae, static, dyn, [cond, before_reflection.view(cond), constrain_cache(img_uncond)],
+                       start * noise + (1.0 - start) * fed_back, round_)
 
 
 def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: jax.Array, sys_len: jax.Array,
@@ -209,53 +318,17 @@ def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: j
     form, prefilled instead of sampled (teacher forcing, e.g. to draw a record's plan).
     """
     cfg = model.cfg
-    b = sys_ids.shape[0]
-    grid = feedback.image_grid(cfg, *static.image_size, static.vit_max_size, static.vit_min_size)
-    d_lat = latent_token_dim(cfg)
-    lat_pos = jnp.broadcast_to(jnp.asarray(grid.latent_pos), (b, grid.num_latent_tokens))
-    vit_pos = jnp.broadcast_to(jnp.asarray(grid.vit_pos), (b, grid.num_vit_tokens))
-    latent_hw = (grid.height // cfg.autoencoder.downsample, grid.width // cfg.autoencoder.downsample)
-    text = TextSampling(dyn.temperature, static.top_k, static.top_p)
-    capacity = cache_capacity(cfg, static, sys_ids.shape[1], prompt_ids.shape[1])
-
-    cond = kv_cache.init_cache(cfg, b, capacity)
-    cond, _ = kv_cache.append_text(model, cond, sys_ids, sys_len)
-    text_uncond = prefix_view(cond, cond.length, cond.rope)
-    cond, _ = kv_cache.append_text(model, cond, prompt_ids, prompt_len)
-    if think1 is None:
-        cond, think = generate_segment(model, cond, _row_keys(row_keys, 0), max_tokens=static.max_think_tokens,
-                                       settings=text)
-    else:
-        cond, _ = kv_cache.append_text(model, cond, *think1)
-        think = given_think(cfg, *think1, static.max_think_tokens)
-    text_uncond = prefix_view(cond, text_uncond.length, text_uncond.rope)
-    noise = _row_normal(_row_keys(row_keys, 1), (grid.num_latent_tokens, d_lat))
-    guidance, renorm = dyn.turn1, static.turn1_renorm
-    latents = generate_latents(model, [cond, text_uncond], noise, lat_pos, num_steps=static.num_steps,
-                               shift=dyn.timestep_shift, guidance=guidance, renorm_type=renorm)
-    image = feedback.to_uint8(feedback.decode_latents(ae, latents, grid, cfg))
+    grid = _grid(cfg, static)
+    cond, sys_only, think = think_phase(model, static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys,
+                                        think1)
+    noise = _row_normal(_row_keys(row_keys, 1), (grid.num_latent_tokens, latent_token_dim(cfg)))
+    latents, image = image_phase(model, ae, static, dyn, [cond, sys_only.view(cond)], noise)
     turns = [Turn(think, image, latents)]
-
     for r in range(1, static.num_refinements + 1):
         before_image = cond
-        eps = _row_normal(_row_keys(row_keys, 10 * r + 2), latent_hw + (cfg.autoencoder.z_channels,))
-        fed_back = feedback.vae_tokens(ae, image, eps, cfg)  # the clean copy of the previous image
-        cond = kv_cache.append_vae_image(model, cond, fed_back, lat_pos)
-        if cfg.vit.enabled:
-            cond = kv_cache.append_vit_image(model, cond, feedback.vit_patches(image, grid, cfg.vit.patch_size),
-                                             vit_pos)
-        text_uncond = prefix_view(cond, cond.length, cond.rope)
-        cond, think = generate_segment(model, cond, _row_keys(row_keys, 10 * r), max_tokens=static.max_think_tokens,
-                                       settings=text)
-        text_uncond = prefix_view(cond, text_uncond.length, text_uncond.rope)
-        seg, seg_len = canonical_segment(think, cfg.special_ids.bos, cfg.special_ids.eos)
-        img_uncond, _ = kv_cache.append_text(model, before_image, seg, seg_len)
-        noise = _row_normal(_row_keys(row_keys, 10 * r + 1), (grid.num_latent_tokens, d_lat))
-        start = dyn.refine_start
-        latents = generate_latents(model, [cond, text_uncond, img_uncond], start * noise + (1.0 - start) * fed_back,
-                                   lat_pos, num_steps=static.num_steps, shift=dyn.refine_shift,
-                                   guidance=dyn.refine, renorm_type=static.refine_renorm, t_start=start)
-        image = feedback.to_uint8(feedback.decode_latents(ae, latents, grid, cfg))
+        cond, before_reflection, fed_back, think = reflect_phase(model, ae, static, dyn, cond, image, row_keys, r)
+        latents, image = refine_phase(model, ae, static, dyn, cond, before_reflection, before_image, think, fed_back,
+                                      row_keys, r)
         turns.append(Turn(think, image, latents))
     return turns
 
@@ -268,11 +341,22 @@ class IRGProgram:
     ``__call__(static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys)`` returns the
     list of :class:`Turn` (device arrays). ``num_traces`` counts compilations (one per
     distinct bucket: batch size, widths and static settings).
+
+    With a ``mesh`` (``irg_jax.parallel.mesh.build_mesh``) and the training ``rules``, the
+    parameters are sharded by the rules, the rows split over the data axes (a batch the
+    data-parallel size does not divide is padded with copies of its last row, and the
+    padding dropped from the results) and the call runs under ``jax.set_mesh`` with the
+    activation rules. The model and autoencoder may be abstract (``nnx.eval_shape``): then
+    only :meth:`lower` works, on ``ShapeDtypeStruct`` inputs (planning, nothing allocated).
     """
 
-    def __init__(self, model, ae):
+    def __init__(self, model, ae, mesh: jax.sharding.Mesh | None = None, rules=None):
         self.model_graph, self.model_state = nnx.split(model)
         self.ae_graph, self.ae_state = nnx.split(ae)
+        self.placement = None if mesh is None else Placement.make(mesh, rules)
+        if self.placement is not None:
+            self.model_state = self.placement.put_model_state(self.model_state)
+            self.ae_state = self.placement.put_replicated(self.ae_state)
         self.num_traces = 0
         self._jitted = jax.jit(self._run, static_argnums=(0,))
 
@@ -283,15 +367,44 @@ class IRGProgram:
         ae = nnx.merge(self.ae_graph, ae_state)
         return irg_loop(model, ae, static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
 
+    def rows_for(self, batch: int) -> int:
+        """Rows the compiled program runs for a batch of ``batch`` prompts (padding included)."""
+        return batch if self.placement is None else self.placement.padded(batch)
+
+    def _args(self, static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1):
+        rows = (sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
+        if self.placement is None:
+            return (static, self.model_state, self.ae_state, dyn) + rows
+        pl = self.placement
+        if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rows)):
+            rows = jax.tree.map(pl.pad_rows, rows)
+        return (static, self.model_state, self.ae_state, pl.put_replicated(dyn)) + pl.put_rows(rows)
+
+    def run_padded(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len,
+                   row_keys, think1=None) -> list[Turn]:
+        """Like ``__call__`` but returns all :meth:`rows_for` rows (padding rows last)."""
+        args = self._args(static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
+        if self.placement is None:
+            return self._jitted(*args)
+        with self.placement.context():
+            return self._jitted(*args)
+
     def __call__(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len,
                  row_keys, think1=None) -> list[Turn]:
-        return self._jitted(static, self.model_state, self.ae_state, dyn, sys_ids, sys_len, prompt_ids, prompt_len,
-                            row_keys, think1)
+        turns = self.run_padded(static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
+        n = np.shape(sys_ids)[0]
+        if self.rows_for(n) == n:
+            return turns
+        return jax.tree.map(lambda x: x[:n], turns)
 
-    def lower(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len, row_keys):
+    def lower(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len, row_keys,
+              think1=None):
         """Trace and lower without running (``.compile()`` the result to build the executable)."""
-        return self._jitted.lower(static, self.model_state, self.ae_state, dyn, sys_ids, sys_len, prompt_ids,
-                                  prompt_len, row_keys)
+        args = self._args(static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
+        if self.placement is None:
+            return self._jitted.lower(*args)
+        with self.placement.context():
+            return self._jitted.lower(*args)
 
 
 def encode_segments(tokenizer, texts: list[str], width: int, what: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
@@ -320,4 +433,5 @@ def think_texts(tokenizer, gen: Generated) -> list[str]:
 
 
 def as_host(turns: list[Turn]) -> list[dict[str, Any]]:
-    return [jax.tree.map(np.asarray, t._asdict()) for t in turns]
+    """Turns as numpy dicts (rows on other hosts gathered: every process gets all rows)."""
+    return [jax.tree.map(np.asarray, t._asdict()) for t in to_host(turns)]

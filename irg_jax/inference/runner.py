@@ -3,6 +3,11 @@
 :class:`IRGRunner` pads every batch to ``batch_size`` rows (repeating the last prompt) so
 all batches share one compiled program; each row's randomness is
 ``fold_in(key(seed), row_id)``, so a prompt's result does not depend on its batch.
+
+On a device mesh (``mesh=``, with the training ``rules``) the parameters are restored
+sharded by the rules straight from the Orbax export and the rows of a batch are split over
+the data axes (``irg_jax.inference.placement``); ``batch_size`` rows are padded further to a
+multiple of the data-parallel size, and the padding is dropped from the results.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from flax import nnx
 from irg_jax.convert.autoencoder_file import load_autoencoder_for
 from irg_jax.data.tokenizer import HFTokenizer, Tokenizer, WordTokenizer
 from irg_jax.inference import feedback, irg_loop
+from irg_jax.inference.placement import Placement
 from irg_jax.model.bagel import Bagel
+from irg_jax.parallel.sharding import state_shardings
 from irg_jax.train.export import load_model_config, restore_params
 
 
@@ -39,14 +46,22 @@ class PromptResult:
     turns: list[TurnOutput]
 
 
-def load_export(directory: str | os.PathLike) -> tuple[Bagel, object]:
-    """(model, autoencoder) from an export directory (``irg_jax.train.export`` layout)."""
+def load_export(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+                rules=None) -> tuple[Bagel, object]:
+    """(model, autoencoder) from an export directory (``irg_jax.train.export`` layout).
+
+    With a ``mesh``, every parameter is restored directly into its sharding under ``rules``
+    (default: the training default), so no device ever holds the whole model."""
     cfg = load_model_config(directory)
     abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
     abstract.rebuild_tables()
     consts = nnx.split(abstract, nnx.Param, ...)[2]
-    params = restore_params(directory, nnx.to_pure_dict(abstract_params), dtype=jnp.dtype(cfg.dtype))
+    shardings = None
+    if mesh is not None:
+        pl = Placement.make(mesh, rules)
+        shardings = state_shardings(abstract_params, pl.mesh, pl.rules).to_pure_dict()
+    params = restore_params(directory, nnx.to_pure_dict(abstract_params), shardings, dtype=jnp.dtype(cfg.dtype))
     model = nnx.merge(graphdef, params, consts)
     return model, load_autoencoder_for(directory, cfg)
 
@@ -87,14 +102,15 @@ def default_image_size(model_cfg, cap: int = 1024) -> int:
 
 
 class IRGRunner:
-    def __init__(self, model: Bagel, ae, tokenizer: Tokenizer, config: irg_loop.InferenceConfig, batch_size: int):
+    def __init__(self, model: Bagel, ae, tokenizer: Tokenizer, config: irg_loop.InferenceConfig, batch_size: int,
+                 mesh: jax.sharding.Mesh | None = None, rules=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.config = config
         self.batch_size = batch_size
-        self.program = irg_loop.IRGProgram(model, ae)
+        self.program = irg_loop.IRGProgram(model, ae, mesh, rules)
         self.static, self.dynamic = config.static(), config.dynamic()
         feedback.image_grid(self.cfg, *config.image_size, config.vit_max_size, config.vit_min_size)  # validates
         sys_ids, sys_len = irg_loop.encode_segments(tokenizer, [config.system_prompt],
@@ -102,13 +118,10 @@ class IRGRunner:
         self.sys_ids = np.repeat(sys_ids, batch_size, 0)
         self.sys_len = np.repeat(sys_len, batch_size, 0)
 
-    def run_batch(self, prompts: Sequence[str], row_ids: Sequence[int], seed: int,
-                  thinks: Sequence[str] | None = None) -> list[PromptResult]:
-        """At most ``batch_size`` prompts -> one result each (the batch is padded internally).
-
-        ``thinks``: one given think-1 text per prompt (written as in the training data), which
-        the model draws from instead of a think it samples.
-        """
+    def encode(self, prompts: Sequence[str], row_ids: Sequence[int], seed: int,
+               thinks: Sequence[str] | None = None) -> tuple:
+        """The compiled program's arguments for at most ``batch_size`` prompts (padded to ``batch_size``
+        rows by repeating the last prompt): ``self.program(*runner.encode(...))``."""
         n = len(prompts)
         if not 0 < n <= self.batch_size or len(row_ids) != n:
             raise ValueError(f"run_batch takes 1..{self.batch_size} prompts with one row id each, got "
@@ -123,9 +136,25 @@ class IRGRunner:
                 raise ValueError(f"run_batch: {len(thinks)} given thinks for {n} prompts")
             think1 = irg_loop.encode_segments(self.tokenizer, list(thinks) + [thinks[-1]] * pad,
                                               self.static.max_think_tokens + 1, "given think")
-        turns = self.program(self.static, self.dynamic, self.sys_ids, self.sys_len, p_ids, p_len,
-                             irg_loop.row_keys_for(seed, ids), think1)
-        turns = jax.device_get(turns)
+        return (self.static, self.dynamic, self.sys_ids, self.sys_len, p_ids, p_len,
+                irg_loop.row_keys_for(seed, ids), think1)
+
+    def generate_turns(self, prompts: Sequence[str], row_ids: Sequence[int], seed: int,
+                       thinks: Sequence[str] | None = None) -> list[dict]:
+        """The compiled loop on at most ``batch_size`` prompts: one host dict per turn (``think``,
+        ``image``, ``latents``), with one row per prompt (the padding dropped)."""
+        turns = self.program.run_padded(*self.encode(prompts, row_ids, seed, thinks))
+        return [jax.tree.map(lambda x: x[:len(prompts)], t) for t in irg_loop.as_host(turns)]
+
+    def run_batch(self, prompts: Sequence[str], row_ids: Sequence[int], seed: int,
+                  thinks: Sequence[str] | None = None) -> list[PromptResult]:
+        """At most ``batch_size`` prompts -> one result each (the batch is padded internally).
+
+        ``thinks``: one given think-1 text per prompt (written as in the training data), which
+        the model draws from instead of a think it samples.
+        """
+        n = len(prompts)
+        turns = [irg_loop.Turn(**t) for t in self.generate_turns(prompts, row_ids, seed, thinks)]
         results = []
         for i in range(n):
             outs = []
@@ -150,14 +179,16 @@ class IRGRunner:
 
 
 def from_checkpoint(directory: str | os.PathLike, config: irg_loop.InferenceConfig, batch_size: int,
-                    tokenizer_path: str | os.PathLike | None = None) -> IRGRunner:
-    model, ae = load_export(directory)
+                    tokenizer_path: str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
+                    rules=None) -> IRGRunner:
+    """A runner for an export; with a ``mesh``, restored sharded and run data-parallel (see module doc)."""
+    model, ae = load_export(directory, mesh, rules)
     tok_path = pathlib.Path(tokenizer_path) if tokenizer_path else pathlib.Path(directory) / "tokenizer"
     if not tok_path.exists():
         raise FileNotFoundError(f"{tok_path}: the export has no tokenizer; pass --tokenizer PATH")
     tokenizer = load_tokenizer_dir(tok_path)
     check_tokenizer(tokenizer, model.cfg, str(tok_path))
-    return IRGRunner(model, ae, tokenizer, config, batch_size)
+    return IRGRunner(model, ae, tokenizer, config, batch_size, mesh, rules)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:

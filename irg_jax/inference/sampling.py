@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from irg_jax.inference.placement import constrain_cache, constrain_rows
 from irg_jax.model import kv_cache
 
 # (cache, tokens [B], active [B]) -> (logits [B, V] float32, cache)
@@ -125,8 +126,12 @@ def _advance(state, logits, row_keys, max_tokens: int, eos_id: int, settings: Te
 
 
 def model_step_fn(model) -> StepFn:
-    """The KV-cache decode step of a Bagel model as a :data:`StepFn`."""
-    return lambda cache, tokens, active: kv_cache.decode_step(model, cache, tokens, active)
+    """The KV-cache decode step of a Bagel model as a :data:`StepFn` (rows pinned to the batch axes
+    on a mesh, so the loop state stays split like the prompts)."""
+    def step(cache, tokens, active):
+        logits, cache = kv_cache.decode_step(model, cache, tokens, active)
+        return constrain_rows(logits), constrain_cache(cache)
+    return step
 
 
 def close_segment(model, cache, eos_id: int, active: jax.Array | None = None):
