@@ -158,6 +158,7 @@ class StepPlan:
     largest_values: list[dict]       # the biggest arrays of the compiled program (see largest_values)
     lower_seconds: float
     compile_seconds: float
+    hlo_text: str = dataclasses.field(repr=False, default="")  # the optimised module (for --hlo)
 
     def required_mfu(self, step_seconds: float, device_kind: str) -> float:
         return mfu_lib.mfu(self.analytic_flops, step_seconds, peak_flops(device_kind), self.num_devices)
@@ -167,6 +168,7 @@ class StepPlan:
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
+        out.pop("hlo_text")
         out["memory"]["peak"] = self.memory.peak
         out["budgets"] = dataclasses.asdict(self.budgets)
         return out
@@ -302,7 +304,7 @@ def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan
         analytic_breakdown={k: float(v) for k, v in forward_flops(config.model, **shapes).items()},
         xla_flops=float(cost.get("flops", 0.0)) * len(devices),
         xla_loops=" while(" in hlo, largest_values=largest_values(hlo),
-        lower_seconds=t1 - t0, compile_seconds=t2 - t1)
+        lower_seconds=t1 - t0, compile_seconds=t2 - t1, hlo_text=hlo)
 
 
 # ------------------------------------------------------------------ report
@@ -390,6 +392,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(e)) from None
     plan = plan_train_step(config)
     print(format_plan(plan, FLAGS.device_kind, FLAGS.target_step_time))
+    if FLAGS.hlo:
+        with open(FLAGS.hlo, "w") as f:
+            f.write(plan.hlo_text)
     if FLAGS.json:
         out = plan.to_json()
         out.update(device_kind=FLAGS.device_kind, target_step_time=FLAGS.target_step_time, argv=sys.argv)
@@ -414,5 +419,6 @@ if __name__ == "__main__":
     flags.DEFINE_float("target_step_time", 0.0, "Step time in seconds to compute the MFU needed for.")
     flags.DEFINE_string("device_kind", "", "Device kind for the MFU and fit figures, e.g. 'TPU v5p', 'H100'.")
     flags.DEFINE_string("json", "", "Write the numbers to this JSON file.")
+    flags.DEFINE_string("hlo", "", "Write the optimised HLO module to this file (to trace the largest arrays).")
     flags.mark_flags_as_required(["config", "devices"])
     app.run(main)

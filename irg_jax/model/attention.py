@@ -139,8 +139,22 @@ def _block_scores(qb, kb, mask):
     return jnp.where(mask, s, _NEG)
 
 
+def _tie_metadata(q, qm, km):
+    """Make the block masks depend on q, so that they are computed block by block.
+
+    The masks depend only on the token metadata. Under ``jax.checkpoint`` (remat) and inside
+    the layer scan, JAX treats such values as known in the forward pass and hoists them out
+    of the loops as residuals: all nq x nk block masks (and the masked score constants) are
+    materialised and saved for the backward pass, O(L^2) memory (212 GiB for one 45k-token
+    pack of the 7B model). An optimization barrier over (q, metadata) ties them to the
+    differentiated input, so they stay inside the loops.
+    """
+    return jax.lax.optimization_barrier((q, qm, km))
+
+
 def _flash_forward(q, k, v, qm, km):
     """q [nq, B, bq, Hk, G, D], k/v [nk, B, bk, Hk, D] -> out like q, lse [nq, B, Hk, G, bq]."""
+    q, qm, km = _tie_metadata(q, qm, km)
     nq, b, bq, hk, g, d = q.shape
 
     def q_block(args):
@@ -175,6 +189,7 @@ def _flash_forward(q, k, v, qm, km):
 
 def _flash_backward(q, k, v, qm, km, out, lse, dout):
     """Gradients for q, k, v (blocked layouts as in _flash_forward)."""
+    q, qm, km = _tie_metadata(q, qm, km)
     delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
 
     def q_block(dkv, args):

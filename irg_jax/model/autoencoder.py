@@ -204,7 +204,7 @@ class Decoder(nnx.Module):
         return self.conv_out(jax.nn.swish(self.norm_out(h)))
 
 
-def _posterior_noise(noise, shape) -> jax.Array:
+def posterior_eps(noise, shape) -> jax.Array:
     """A PRNG key -> N(0, 1) of ``shape``; an array -> checked and returned as float32."""
     noise = jnp.asarray(noise)
     is_key = jax.dtypes.issubdtype(noise.dtype, jax.dtypes.prng_key) or (
@@ -251,7 +251,7 @@ class FluxAutoEncoder(nnx.Module):
             if noise is None:
                 raise ValueError("FluxAutoEncoder.encode samples the posterior: pass a PRNG key or eps "
                                  "as `noise` (or sample=False for the mean)")
-            z = mean + jnp.exp(0.5 * logvar) * _posterior_noise(noise, mean.shape)
+            z = mean + jnp.exp(0.5 * logvar) * posterior_eps(noise, mean.shape)
         else:
             z = mean
         return self.scale_factor * (z - self.shift_factor)

@@ -18,9 +18,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from irg_jax.data.packed_batch import TEXT
+from irg_jax.model import remat
+from irg_jax.model.autoencoder import FluxAutoEncoder, posterior_eps
 from irg_jax.model.attention import TokenMeta
 from irg_jax.model.config import latent_token_dim
 from irg_jax.model.decoder import Decoder
@@ -42,7 +45,8 @@ class Bagel(nnx.Module):
         d_lat = latent_token_dim(cfg)
         self.decoder = Decoder(cfg, rngs=rngs)
         if cfg.vit.enabled:
-            self.vit = SiglipEncoder(cfg.vit, rngs)
+            self.vit = SiglipEncoder(cfg.vit, rngs, attention=cfg.attention, scan=bool(cfg.scan_layers),
+                                     remat_policy=remat.policy_name(cfg))
             self.connector = Connector(cfg.vit.hidden_size, d, rngs)
             self.vit_pos_table = FixedTable(jnp.asarray(sincos_2d_table(cfg.vit.max_patches_per_side, d)),
                                             logical_axes=(None, "embed"))
@@ -81,6 +85,11 @@ class Bagel(nnx.Module):
         """llm2vae on gen-expert hidden states, float32."""
         return self.llm2vae(h_gen).astype(jnp.float32)
 
+    def ce_sum(self, ce_hidden: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+        """Sum of next-token CEs over valid positions, lm_head applied ``cfg.ce_chunk`` tokens at a time."""
+        return chunked_ce_sum(ce_hidden, self.decoder.lm_head.kernel[...], labels, valid,
+                              int(self.cfg.get("ce_chunk", 0)))
+
     # ------------------------------------------------------------------ training forward
     def __call__(self, pack: dict, x0_tokens: jax.Array, noise: jax.Array, *,
                  collect_layer_outputs: bool = False) -> dict:
@@ -100,6 +109,7 @@ class Bagel(nnx.Module):
 
         is_text = (pack["kind"][:, :und_len] == TEXT)[..., None]
         h_und = jnp.where(is_text, self.embed_text(text_ids[:, :und_len]), 0).astype(self.dtype)
+        h_und = constrain(h_und, ("batch", "length", "embed"))
         if pack["vit_patches"].shape[1] > 0:
             if self.vit is None:
                 raise ValueError(f"the pack has a ViT budget of {pack['vit_patches'].shape[1]} tokens but "
@@ -110,11 +120,13 @@ class Bagel(nnx.Module):
             rows = jnp.arange(b)[:, None]
             h_und = h_und.at[rows, dest].set(feats.astype(self.dtype), mode="drop")
 
+        # Batch-dimension activations stay on the batch axes (else every device embeds the
+        # latents of the whole global batch).
         t = pack["latent_t"].astype(jnp.float32)
-        x0 = x0_tokens.astype(jnp.float32)
-        eps = noise.astype(jnp.float32)
+        x0 = constrain(x0_tokens.astype(jnp.float32), ("batch", "length", None))
+        eps = constrain(noise.astype(jnp.float32), ("batch", "length", None))
         x_t = (1.0 - t[..., None]) * x0 + t[..., None] * eps
-        h_gen = self.embed_latents(x_t, t, pack["latent_pos_ids"])
+        h_gen = constrain(self.embed_latents(x_t, t, pack["latent_pos_ids"]), ("batch", "length", "embed"))
 
         h = jnp.concatenate([h_und, h_gen], axis=1)
         h = constrain(h, ("batch", "length", "embed"))
@@ -123,6 +135,9 @@ class Bagel(nnx.Module):
 
         ce_hidden = jnp.take_along_axis(out.hidden, pack["ce_index"][..., None], axis=1)
         result = {
+            # Under jit, whatever the caller does not use is dropped: the train step reads
+            # ``ce_hidden`` (chunked CE, see ce_sum), tests and probes read the logits.
+            "ce_hidden": ce_hidden,
             "ce_logits": constrain(self.decoder.logits(ce_hidden), ("batch", None, "vocab")),
             "velocity": self.velocity(out.hidden[:, und_len:]),
             "target": eps - x0,
@@ -132,16 +147,60 @@ class Bagel(nnx.Module):
         return result
 
 
+def chunked_ce_sum(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, valid: jax.Array,
+                   chunk: int) -> jax.Array:
+    """Sum of CEs of ``hidden @ kernel`` (fp32 logits) over valid positions, ``chunk`` tokens at a time.
+
+    hidden [B, N, D], kernel [D, V], labels/valid [B, N]. With ``chunk`` > 0 and N > chunk the
+    tokens run through a scan whose body is rematerialised: the [B, chunk, V] logits exist
+    for one chunk at a time in the forward and the backward pass (a 7B pack's 8192 CE
+    tokens x 152064 vocab would be 4.6 GiB of fp32 logits at once).
+    """
+    def part(h, y, m):
+        logits = jnp.einsum("bnd,dv->bnv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", None, "vocab"))
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(jnp.where(m, per_token, 0.0))
+
+    b, n, d = hidden.shape
+    if not chunk or n <= chunk:
+        return part(hidden, labels, valid)
+    num = -(-n // chunk)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, num * chunk - n)] + [(0, 0)] * (x.ndim - 2))
+    blocks = lambda x: pad(x).reshape(b, num, chunk, *x.shape[2:]).swapaxes(0, 1)
+    body = jax.checkpoint(lambda acc, xs: (acc + part(*xs), None))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (blocks(hidden), blocks(labels), blocks(valid)))
+    return total
+
+
 def latent_tokens(ae, vae_images: jax.Array, posterior_noise, patch_size: int) -> jax.Array:
     """AE-encode a batch of image slots and patchify: [B, N, H, W, 3] -> [B, N*(H/16)*(W/16), D_lat].
 
     ``posterior_noise`` is a PRNG key or eps of shape [B*N, H/d, W/d, z] (ignored by the
     identity AE). Token order is image-major, then row-major over the (H/16, W/16) grid,
     which is what ``latent_src`` indexes.
+
+    The N slots are encoded one at a time (a ``lax.map`` over slots, each step encoding one
+    image per pack, batch-sharded): the AE's full-resolution activations exist for one
+    image per pack at a time. The noise of all slots is drawn up front from the key, as one
+    array, so the latents do not depend on this loop.
     """
     b, n, hh, ww, c = vae_images.shape
-    z = ae.encode(vae_images.reshape(b * n, hh, ww, c), posterior_noise)
-    tokens = patchify_latents(z, patch_size)
+    images = constrain(jnp.swapaxes(vae_images, 0, 1), (None, "batch", None, None, None))  # [N, B, H, W, 3]
+    noise = posterior_noise
+    if isinstance(ae, FluxAutoEncoder):
+        d = ae.downsample
+        latent_shape = (b * n, hh // d, ww // d, ae.z_channels)
+        eps = posterior_eps(posterior_noise, latent_shape).reshape(b, n, *latent_shape[1:])
+        noise = constrain(jnp.swapaxes(eps, 0, 1), (None, "batch", None, None, None))
+
+        def encode(xs):
+            return patchify_latents(ae.encode(xs[0], xs[1]), patch_size)
+
+        tokens = jax.lax.map(encode, (images, noise))  # [N, B, T, D_lat]
+    else:
+        tokens = jax.lax.map(lambda x: patchify_latents(ae.encode(x, noise), patch_size), images)
+    tokens = constrain(jnp.swapaxes(tokens, 0, 1), ("batch", None, None, None))
     return tokens.reshape(b, -1, tokens.shape[-1])
 
 

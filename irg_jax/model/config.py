@@ -12,6 +12,8 @@ Every builder returns the ``config.model`` ConfigDict with the same key set:
                ch, ch_mult, num_res_blocks, in_channels, out_ch
   special_ids: bos, eos, start_of_image, end_of_image
   dtype ('float32' | 'bfloat16'; parameters are always float32), remat, scan_layers
+  remat_policy (what a rematerialised layer saves: irg_jax.model.remat.POLICIES)
+  mlp_chunk    (tokens per MLP chunk, 0: whole sequence), ce_chunk (CE tokens per lm_head chunk, 0: all)
   attention:   impl (a name in irg_jax.model.attention's registry), block_q, block_k
 
 A latent token has ``latent.patch_size**2 * autoencoder.z_channels`` values. The identity
@@ -54,7 +56,10 @@ def _model(*, llm: dict, vit: dict, latent: dict, autoencoder: dict, special_ids
     c.special_ids = ml_collections.ConfigDict(special_ids)
     c.dtype = "float32"
     c.remat = False
+    c.remat_policy = "nothing_saveable"
     c.scan_layers = False
+    c.mlp_chunk = 0
+    c.ce_chunk = 0
     c.attention = ml_collections.ConfigDict({"impl": "chunked", "block_q": 512, "block_k": 512})
     return c
 
@@ -100,6 +105,10 @@ def bagel_7b_mot() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"
     c.remat = True
     c.scan_layers = True
+    # Bound the per-layer working set of a ~45k-token pack: the [tokens, 18944] MLP activations
+    # 4096 tokens at a time, the [tokens, 152064] CE logits 1024 tokens at a time.
+    c.mlp_chunk = 4096
+    c.ce_chunk = 1024
     return c
 
 

@@ -24,6 +24,7 @@ import ml_collections
 from flax import nnx
 
 from irg_jax.model import attention as attn_lib
+from irg_jax.model import remat
 from irg_jax.model.attention import TokenMeta
 from irg_jax.model.embeddings import Linear
 from irg_jax.parallel.sharding import constrain, param
@@ -83,21 +84,38 @@ class OutProjection(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-    """down(silu(gate(x)) * up(x)), no biases."""
+    """down(silu(gate(x)) * up(x)), no biases.
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+    With ``token_chunk`` > 0, a sequence longer than that runs in chunks of ``token_chunk``
+    tokens (a ``lax.map`` whose body is rematerialised), so the [tokens, intermediate]
+    activations exist for one chunk at a time, in the forward and in the backward.
+    """
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, token_chunk: int = 0):
         self.gate_proj = Linear(dim, hidden, rngs=rngs, use_bias=False, axes=("embed", "mlp"))
         self.up_proj = Linear(dim, hidden, rngs=rngs, use_bias=False, axes=("embed", "mlp"))
         self.down_proj = Linear(hidden, dim, rngs=rngs, use_bias=False, axes=("mlp", "embed"))
+        self.token_chunk = token_chunk
+
+    def _apply(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(h, ("batch", "length", "mlp")))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        b, n, d = x.shape
+        chunk = self.token_chunk
+        if not chunk or n <= chunk:
+            return self._apply(x)
+        num = -(-n // chunk)
+        xs = jnp.pad(x, ((0, 0), (0, num * chunk - n), (0, 0))).reshape(b, num, chunk, d).swapaxes(0, 1)
+        ys = jax.lax.map(jax.checkpoint(self._apply), xs)  # zero padding maps to zero: no bias
+        return ys.swapaxes(0, 1).reshape(b, num * chunk, d)[:, :n]
 
 
 class Expert(nnx.Module):
     """One MoT expert of one decoder layer (the und or the gen copy)."""
 
-    def __init__(self, llm, *, rngs: nnx.Rngs):
+    def __init__(self, llm, *, rngs: nnx.Rngs, mlp_chunk: int = 0):
         d, hd = llm.hidden_size, llm.head_dim
         self.input_layernorm = RMSNorm(d, llm.rms_norm_eps)
         self.q_proj = HeadsProjection(d, llm.num_heads, hd, "q_heads", use_bias=True, rngs=rngs)
@@ -107,7 +125,7 @@ class Expert(nnx.Module):
         self.q_norm = RMSNorm(hd, llm.rms_norm_eps) if llm.qk_norm else None
         self.k_norm = RMSNorm(hd, llm.rms_norm_eps) if llm.qk_norm else None
         self.post_attention_layernorm = RMSNorm(d, llm.rms_norm_eps)
-        self.mlp = GatedMLP(d, llm.intermediate_size, rngs=rngs)
+        self.mlp = GatedMLP(d, llm.intermediate_size, rngs=rngs, token_chunk=mlp_chunk)
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         h = self.input_layernorm(x)
@@ -130,10 +148,10 @@ class PastKV(NamedTuple):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, llm, attn_cfg, *, rngs: nnx.Rngs):
+    def __init__(self, llm, attn_cfg, *, rngs: nnx.Rngs, mlp_chunk: int = 0):
         self.attn_cfg = ml_collections.FrozenConfigDict(attn_cfg)
-        self.und = Expert(llm, rngs=rngs)
-        self.gen = Expert(llm, rngs=rngs)
+        self.und = Expert(llm, rngs=rngs, mlp_chunk=mlp_chunk)
+        self.gen = Expert(llm, rngs=rngs, mlp_chunk=mlp_chunk)
 
     def __call__(self, x, cos, sin, meta: TokenMeta, und_len: int, past: PastKV | None = None):
         """x [B, L, D] laid out [und | gen] -> (x', (k, v) of the L new tokens)."""
@@ -172,13 +190,13 @@ class DecoderOutput(NamedTuple):
     layer_outputs: jax.Array | None  # [num_layers, B, L, D] residual stream after each layer
 
 
-def _stack_layers(llm, attn_cfg, rngs: nnx.Rngs) -> DecoderLayer:
+def _stack_layers(llm, attn_cfg, rngs: nnx.Rngs, mlp_chunk: int) -> DecoderLayer:
     """One DecoderLayer whose parameters carry a leading [num_layers] axis (for scan)."""
     keys = jax.random.split(rngs.params(), llm.num_layers)
     graphdef = []
 
     def make(key):
-        gd, state = nnx.split(DecoderLayer(llm, attn_cfg, rngs=nnx.Rngs(params=key)))
+        gd, state = nnx.split(DecoderLayer(llm, attn_cfg, rngs=nnx.Rngs(params=key), mlp_chunk=mlp_chunk))
         graphdef.append(gd)
         return state
 
@@ -198,12 +216,14 @@ class Decoder(nnx.Module):
         attn_cfg = ml_collections.FrozenConfigDict(model_cfg.attention)
         self.llm = llm
         self.scan_layers = bool(model_cfg.scan_layers)
-        self.remat = bool(model_cfg.remat)
+        self.remat_policy = remat.policy_name(model_cfg)
+        mlp_chunk = int(model_cfg.get("mlp_chunk", 0))
         self.embed_tokens = Embedding(llm.vocab_size, llm.hidden_size, rngs=rngs)
         if self.scan_layers:
-            self.layers = _stack_layers(llm, attn_cfg, rngs)
+            self.layers = _stack_layers(llm, attn_cfg, rngs, mlp_chunk)
         else:
-            self.layers = nnx.List([DecoderLayer(llm, attn_cfg, rngs=rngs) for _ in range(llm.num_layers)])
+            self.layers = nnx.List([DecoderLayer(llm, attn_cfg, rngs=rngs, mlp_chunk=mlp_chunk)
+                                    for _ in range(llm.num_layers)])
         self.norm_und = RMSNorm(llm.hidden_size, llm.rms_norm_eps)
         self.norm_gen = RMSNorm(llm.hidden_size, llm.rms_norm_eps)
         self.lm_head = Linear(llm.hidden_size, llm.vocab_size, rngs=rngs, use_bias=False, axes=("embed", "vocab"))
@@ -224,8 +244,7 @@ class Decoder(nnx.Module):
             h, (k, v) = layer(h, cos, sin, meta, und_len, past)
             return h, (k, v, h if collect_layer_outputs else None)
 
-        if self.remat:
-            run = jax.checkpoint(run, static_argnums=(1,), policy=jax.checkpoint_policies.nothing_saveable)
+        run = remat.checkpoint(run, self.remat_policy, static_argnums=(1,))
 
         if self.scan_layers:
             graphdef, states = nnx.split(self.layers)

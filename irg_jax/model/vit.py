@@ -4,19 +4,28 @@ The encoder takes the packed ViT patches of a pack (any number of images of any
 size, concatenated): patch vectors ordered (py, px, c), a learned position id per
 patch (``row * max_patches_per_side + col``, a top-left crop of the table, no
 interpolation) and an image id per patch. Attention is bidirectional within an image;
-padding rows (image id -1) attend only to themselves. Blocks are pre-LN, followed by
-a post-LayerNorm. Everything computes in the dtype of the input patches, with
+padding rows (image id -1) attend only to themselves; the mask comes from per-token
+metadata, so the blockwise kernels of :mod:`irg_jax.model.attention` never build it
+whole. Blocks are pre-LN, followed by a post-LayerNorm. Everything computes in the dtype of the input patches, with
 LayerNorm statistics and the softmax in float32.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from irg_jax.data.packed_batch import FULL
+from irg_jax.model import attention as attn_lib
+from irg_jax.model import remat
+from irg_jax.model.attention import TokenMeta
 from irg_jax.model.embeddings import Linear, sincos_2d_table
-from irg_jax.parallel.sharding import param
+from irg_jax.parallel.sharding import constrain, param
+
+_DENSE = {"impl": "dense", "block_q": 0, "block_k": 0}
+_FIRST_PAD_DOC = -3  # below the attention kernels' own padding ids (-1 keys, -2 queries)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -47,28 +56,39 @@ def image_attention_mask(image_id: jax.Array) -> jax.Array:
     return same | jnp.eye(n, dtype=bool)
 
 
-class SiglipAttention(nnx.Module):
-    """Multi-head self-attention with biased q/k/v/out projections and a boolean mask."""
+def image_token_meta(image_id: jax.Array) -> TokenMeta:
+    """Attention metadata for packed ViT tokens [B, N]: one non-causal document per image.
 
-    def __init__(self, hidden: int, num_heads: int, rngs: nnx.Rngs):
+    Gives exactly :func:`image_attention_mask` under the packed-attention rule: tokens of one
+    image share a document and a FULL split; each padding row (image id < 0) is a document of
+    its own (ids below the attention kernels' reserved padding ids), so it sees only itself.
+    """
+    image_id = jnp.asarray(image_id, jnp.int32)
+    own = _FIRST_PAD_DOC - jnp.arange(image_id.shape[-1], dtype=jnp.int32)
+    doc = jnp.where(image_id >= 0, image_id, own)
+    return TokenMeta(doc, doc, jnp.full_like(doc, FULL), jnp.zeros_like(doc))
+
+
+class SiglipAttention(nnx.Module):
+    """Multi-head self-attention with biased q/k/v/out projections, masked by per-image metadata."""
+
+    def __init__(self, hidden: int, num_heads: int, rngs: nnx.Rngs, attention=None):
         if hidden % num_heads:
             raise ValueError(f"ViT hidden {hidden} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = hidden // num_heads
+        self.attn_cfg = ml_collections.FrozenConfigDict(attention or _DENSE)
         proj = dict(rngs=rngs, axes=("vit_embed", "vit_heads"))
         self.q_proj = Linear(hidden, hidden, **proj)
         self.k_proj = Linear(hidden, hidden, **proj)
         self.v_proj = Linear(hidden, hidden, **proj)
         self.out_proj = Linear(hidden, hidden, rngs=rngs, axes=("vit_heads", "vit_embed"))
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, meta: TokenMeta) -> jax.Array:
+        """x [B, N, hidden], meta from :func:`image_token_meta`."""
         heads = lambda t: t.reshape(*t.shape[:-1], self.num_heads, self.head_dim)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim ** -0.5)
-        scores = jnp.where(mask[..., None, :, :], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+        out = attn_lib.attend(q, k, v, meta, meta, self.attn_cfg)
         return self.out_proj(out.reshape(*x.shape[:-1], -1))
 
 
@@ -84,15 +104,15 @@ class SiglipMLP(nnx.Module):
 class SiglipBlock(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, vit_cfg, rngs: nnx.Rngs):
+    def __init__(self, vit_cfg, rngs: nnx.Rngs, attention=None):
         d = vit_cfg.hidden_size
         self.layer_norm1 = LayerNorm(d, vit_cfg.layer_norm_eps)
-        self.self_attn = SiglipAttention(d, vit_cfg.num_heads, rngs)
+        self.self_attn = SiglipAttention(d, vit_cfg.num_heads, rngs, attention)
         self.layer_norm2 = LayerNorm(d, vit_cfg.layer_norm_eps)
         self.mlp = SiglipMLP(d, vit_cfg.intermediate_size, rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+    def __call__(self, x: jax.Array, meta: TokenMeta) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), meta)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -101,30 +121,53 @@ class SiglipEncoder(nnx.Module):
 
     ``vit_cfg.num_layers`` is the number of layers actually run and stored (the
     official vit_config.json lists one more; see :func:`irg_jax.model.vit_keys`).
+
+    ``attention``: a ``model.attention`` config (default: the dense reference). With
+    ``scan``, the blocks run as one ``lax.scan`` over their parameters stacked inside the
+    call (the stored layout stays one entry per layer, as in the checkpoint); with
+    ``remat_policy`` (a :mod:`irg_jax.model.remat` name) each block is rematerialised,
+    so the backward pass keeps only the block inputs.
     """
 
-    def __init__(self, vit_cfg, rngs: nnx.Rngs):
+    def __init__(self, vit_cfg, rngs: nnx.Rngs, *, attention=None, scan: bool = False,
+                 remat_policy: str | None = None):
         d = vit_cfg.hidden_size
         p = vit_cfg.patch_size
         self.patch_size = p
         self.max_patches_per_side = vit_cfg.max_patches_per_side
+        self.scan = scan
+        self.remat_policy = remat_policy
         self.patch_embedding = Linear(p * p * 3, d, rngs=rngs, axes=("patch", "vit_embed"))
         num_pos = vit_cfg.max_patches_per_side ** 2
         self.position_embedding = param(jax.random.normal(rngs.params(), (num_pos, d), jnp.float32) * 0.02,
                                         (None, "vit_embed"))
-        self.layers = nnx.List([SiglipBlock(vit_cfg, rngs) for _ in range(vit_cfg.num_layers)])
+        self.layers = nnx.List([SiglipBlock(vit_cfg, rngs, attention) for _ in range(vit_cfg.num_layers)])
         self.post_layernorm = LayerNorm(d, vit_cfg.layer_norm_eps)
 
     def __call__(self, patches: jax.Array, pos_ids: jax.Array, image_id: jax.Array) -> jax.Array:
-        """patches [..., N, 3*p*p]; pos_ids, image_id [..., N] (broadcast over a batch) -> [..., N, hidden]."""
+        """patches [B, N, 3*p*p]; pos_ids, image_id [B, N] (or all without B) -> [B, N, hidden]."""
         want = 3 * self.patch_size ** 2
         if patches.shape[-1] != want:
             raise ValueError(f"ViT patches must have {want} values, got shape {patches.shape}")
+        if patches.ndim == 2:  # one unbatched pack
+            return self(patches[None], jnp.asarray(pos_ids)[None], jnp.asarray(image_id)[None])[0]
         x = self.patch_embedding(patches)
         x = x + jnp.take(self.position_embedding[...], pos_ids, axis=0).astype(x.dtype)
-        mask = image_attention_mask(image_id)
-        for block in self.layers:
-            x = block(x, mask)
+        x = constrain(x, ("batch", "length", "vit_embed"))
+        meta = image_token_meta(jnp.broadcast_to(image_id, x.shape[:-1]))
+
+        def run(state, graphdef, h):
+            return constrain(nnx.merge(graphdef, state)(h, meta), ("batch", "length", "vit_embed"))
+
+        run = remat.checkpoint(run, self.remat_policy, static_argnums=(1,))
+        if self.scan and len(self.layers):
+            graphdef = nnx.graphdef(self.layers[0])
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in self.layers))
+            x, _ = jax.lax.scan(lambda h, state: (run(state, graphdef, h), None), x, stacked)
+        else:
+            for block in self.layers:
+                graphdef, state = nnx.split(block)
+                x = run(state, graphdef, x)
         return self.post_layernorm(x)
 
 

@@ -57,6 +57,9 @@ def build(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, 
 def make_forward(bundle: ModelBundle) -> Callable[[Any, dict, jax.Array], dict]:
     """``forward(params, batch, key)``: encode the pack's images (frozen AE), draw noise, run Bagel.
 
+    The output holds Bagel's outputs plus ``ce_sum``, the summed CE of the batch's CE tokens
+    (computed chunk by chunk, ``model.ce_chunk``).
+
     Bridged targets (``latent_bridge_w`` > 0, see ``irg_jax.data.packing``) get the noise
     ``eps + w * (x_bridge - x0)``, which puts them on the refinement path from a clean image."""
     ae_graphdef, ae_state = nnx.split(bundle.autoencoder)
@@ -71,6 +74,9 @@ def make_forward(bundle: ModelBundle) -> Callable[[Any, dict, jax.Array], dict]:
         if "latent_bridge_w" in batch:
             x_bridge = gather_latent_tokens(tokens, batch["latent_bridge_src"])
             noise = noise + batch["latent_bridge_w"][..., None] * (x_bridge - x0)
-        return bundle.module(params)(batch, x0, noise)
+        model = bundle.module(params)
+        out = model(batch, x0, noise)
+        out["ce_sum"] = model.ce_sum(out["ce_hidden"], batch["ce_labels"], batch["ce_valid"])
+        return out
 
     return forward

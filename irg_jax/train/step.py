@@ -11,7 +11,7 @@ import optax
 from irg_jax.train import loss as loss_lib
 from irg_jax.train.state import TrainState
 
-# forward(params, batch, rng) -> {"ce_logits", "velocity", "target"}
+# forward(params, batch, rng) -> {"ce_sum" (or "ce_logits"), "velocity", "target"}
 ForwardFn = Callable[[Any, dict, jax.Array], dict]
 
 
@@ -47,7 +47,9 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, schedu
 
         def micro_loss(params, micro, key):
             out = forward(params, micro, key)
-            ce = loss_lib.ce_sum(out["ce_logits"], micro["ce_labels"], micro["ce_valid"]) / n_ce_safe
+            ce_total = (out["ce_sum"] if "ce_sum" in out
+                        else loss_lib.ce_sum(out["ce_logits"], micro["ce_labels"], micro["ce_valid"]))
+            ce = ce_total / n_ce_safe
             mse = loss_lib.mse_sum(out["velocity"], out["target"], micro["latent_noisy"]) / n_mse_safe
             total = jnp.where(text_on, w_ce * ce, 0.0) + jnp.where(image_on, w_mse * mse, 0.0)
             return total, (ce, mse)
