@@ -2,6 +2,7 @@
 
     python -m irg_jax.plan --config configs/irgl_stage1.py --devices 8 --mesh data=1,fsdp=8,tensor=1 \\
         [--config.key=value ...] [--target_step_time 20] [--device_kind 'TPU v5p'] [--json plan.json]
+    python -m irg_jax.plan --config configs/irgl_stage1.py --devices 8 --generation [--no_hoist]
 
 The real train step (``make_train_step(make_forward(bundle), ...)``, wired as in
 ``irg_jax.train.loop.train``: same state and batch shardings, state donated) is lowered and
@@ -71,7 +72,7 @@ from irg_jax.data import packed_batch  # noqa: E402
 from irg_jax.model.autoencoder import build_autoencoder  # noqa: E402
 from irg_jax.model.bagel import forward_flops, training_flops  # noqa: E402
 from irg_jax.parallel.mesh import MESH_AXES, build_mesh  # noqa: E402
-from irg_jax.parallel.sharding import activation_rules  # noqa: E402
+from irg_jax.parallel.sharding import activation_rules, replicated_share  # noqa: E402
 from irg_jax.train import mfu as mfu_lib  # noqa: E402
 from irg_jax.train import model_setup  # noqa: E402
 from irg_jax.train import state as state_lib  # noqa: E402
@@ -150,6 +151,7 @@ class StepPlan:
     param_count: int
     trainable_count: int
     state_bytes: dict[str, int]      # per device, by part (exact, from the shardings)
+    replicated_state_bytes: int      # per device: params + EMA + optimizer leaves held whole on every device
     memory: MemoryPlan               # per device
     analytic_flops: float            # model FLOPs per step (forward + backward)
     analytic_breakdown: dict[str, float]  # forward FLOPs per step by component
@@ -207,7 +209,8 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     model_cfg = config.model
     abstract_ae = nnx.eval_shape(lambda: build_autoencoder(model_cfg.autoencoder, rngs=nnx.Rngs(config.seed + 1)))
-    bundle, _ = model_setup.build(model_cfg, mesh, rules, config.seed, autoencoder=abstract_ae)
+    bundle, _ = model_setup.build(model_cfg, mesh, rules, config.seed, autoencoder=abstract_ae,
+                                  max_unshardable_mib=config.sharding.get("max_unshardable_mib"))
     tx, schedule = make_optimizer(config, bundle.abstract_params)
     replicated = NamedSharding(mesh, P())
     abstract_state = jax.eval_shape(
@@ -299,6 +302,7 @@ def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan
         state_bytes=dict(params=_shard_bytes(state.params), ema=_shard_bytes(state.ema),
                          optimizer=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
                          frozen_autoencoder=_shard_bytes(ae), tables=_shard_bytes(tables)),
+        replicated_state_bytes=int(replicated_share(state, jax.tree.map(lambda x: x.sharding, state))[1]),
         memory=memory,
         analytic_flops=float(training_flops(config.model, **shapes)),
         analytic_breakdown={k: float(v) for k, v in forward_flops(config.model, **shapes).items()},
@@ -327,6 +331,9 @@ def format_plan(plan: StepPlan, device_kind: str | None = None, target_step_time
         "state per device (from the shardings)",
     ]
     lines += [f"  {k:<22}{_gib(v)}" for k, v in plan.state_bytes.items()]
+    state_total = sum(plan.state_bytes[k] for k in ("params", "ema", "optimizer"))
+    lines.append(f"  {'replicated':<22}{_gib(plan.replicated_state_bytes)}  "
+                 f"({100 * plan.replicated_state_bytes / max(state_total, 1):.2f}% of params + EMA + optimizer)")
     lines += [
         "",
         "compiled memory per device (memory_analysis)",
@@ -390,6 +397,14 @@ def main(argv: list[str]) -> None:
             peak_flops(FLAGS.device_kind), device_memory(FLAGS.device_kind)
     except (ConfigError, ValueError) as e:
         raise app.UsageError(str(e)) from None
+    if FLAGS.generation:
+        from irg_jax.inference import plan as generation_plan
+        gen = generation_plan.plan_generation(config, FLAGS.devices, hoist_converts=not FLAGS.no_hoist)
+        print(generation_plan.format_generation_plan(gen))
+        if FLAGS.json:
+            with open(FLAGS.json, "w") as f:
+                json.dump(dict(gen.to_json(), argv=sys.argv), f, indent=2)
+        return
     plan = plan_train_step(config)
     print(format_plan(plan, FLAGS.device_kind, FLAGS.target_step_time))
     if FLAGS.hlo:
@@ -420,5 +435,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("device_kind", "", "Device kind for the MFU and fit figures, e.g. 'TPU v5p', 'H100'.")
     flags.DEFINE_string("json", "", "Write the numbers to this JSON file.")
     flags.DEFINE_string("hlo", "", "Write the optimised HLO module to this file (to trace the largest arrays).")
+    flags.DEFINE_bool("generation", False, "Plan IRG generation (think, image, reflect, refine) with the "
+                      "config's model, mesh and rules instead of the train step (irg_jax.inference.plan).")
+    flags.DEFINE_bool("no_hoist", False, "With --generation: compile without while-loop-invariant code motion "
+                      "(no hoisted fp32 weight copies of XLA:CPU; the closer estimate for GPU/TPU).")
     flags.mark_flags_as_required(["config", "devices"])
     app.run(main)

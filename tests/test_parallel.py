@@ -104,3 +104,21 @@ def test_fsdp_bytes_per_device():
 def test_param_rank_mismatch_is_clear():
     with pytest.raises(ValueError, match="do not match parameter rank"):
         sharding.param(jnp.zeros((3, 4)), ("embed",))
+
+
+def test_large_unshardable_parameter_is_an_error_naming_it():
+    """No silent replication: a parameter over the limit that the rules shard on a dimension the
+    mesh does not divide fails with its path and sizes; under the limit it is replicated."""
+    mesh = build_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    state = nnx.state(nnx.eval_shape(lambda: TwoLayerMLP(60, 128, nnx.Rngs(0))))  # 60 % 8 != 0
+    with pytest.raises(ValueError, match=r"w1.*\[60, 128\].*dim 0 \(embed\) = 60 is not divisible by mesh axes "
+                                         r"\('fsdp',\) \(size 8\)"):
+        sharding.state_shardings(state, mesh, DEFAULT_RULES, max_unshardable_bytes=1024)
+    shardings = sharding.state_shardings(state, mesh, DEFAULT_RULES, max_unshardable_bytes=60 * 128 * 4)
+    assert shardings["w1"].spec == P(None, None)
+    held, replicated = sharding.replicated_share(
+        jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable)), shardings)
+    assert replicated == held  # nothing here divides by 8: everything is replicated, and reported
+    divisible = nnx.state(nnx.eval_shape(lambda: TwoLayerMLP(64, 128, nnx.Rngs(0))))
+    shardings = sharding.state_shardings(divisible, mesh, DEFAULT_RULES, max_unshardable_bytes=1024)
+    assert shardings["w1"].spec == P("fsdp", None)

@@ -139,3 +139,37 @@ def test_planned_memory_matches_a_real_step(planned):
     assert planned_named == pytest.approx(live_named, rel=0.01), (planned_named, live_named)
     assert abs(mem["peak"] - measured) <= 0.2 * measured, (mem, live, measured)
     assert float(metrics["loss"]) == float(metrics["loss"])  # the step really ran
+
+
+def _structured_plan(layers: int, scale: int, policy: str):
+    """The tiny model with the 7B config's memory structure (scanned, rematerialised layers,
+    chunked MLP and CE, blockwise attention), packs ``scale`` times the tiny budgets."""
+    config = _tiny_config()
+    with config.unlocked():
+        m = config.model
+        m.scan_layers, m.remat, m.remat_policy = True, True, policy
+        m.mlp_chunk, m.ce_chunk = 128, 64
+        m.llm.num_layers = layers
+        m.attention.block_q = m.attention.block_k = 64
+        p = config.data.pack
+        p.und_len, p.gen_len, p.vit_len, p.ce_len = 576 * scale, 384 * scale, 64 * scale, 256 * scale
+    plan = plan_lib.plan_train_step(config)
+    saved_per_layer = (p.und_len + p.gen_len) * m.llm.hidden_size * np.dtype(m.dtype).itemsize  # one pack
+    return plan, saved_per_layer
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_step_memory_grows_linearly_in_pack_length_and_layers(policy):
+    """Regression guard for the 7B step's memory: temporaries per device grow at most linearly
+    with the pack length (the hoisted [blocks x blocks] attention masks grew quadratically) and,
+    per added layer, by no more than the saved layer input plus the layer's gradient shard."""
+    base, _ = _structured_plan(layers=2, scale=1, policy=policy)
+    longer, saved = _structured_plan(layers=2, scale=2, policy=policy)
+    deeper, _ = _structured_plan(layers=4, scale=2, policy=policy)
+    t1, t2, t4 = base.memory.temporaries, longer.memory.temporaries, deeper.memory.temporaries
+    assert t2 <= 2.2 * t1, f"temporaries {t1} -> {t2} bytes for packs twice as long: more than linear"
+    grad_shard = (deeper.param_count - longer.param_count) * 4 / 8  # fp32 gradients over 8 devices
+    per_layer = (t4 - t2) / 2
+    assert per_layer <= saved + 2 * grad_shard, (
+        f"each added layer costs {per_layer:.0f} bytes of temporaries; saved input {saved}, gradient "
+        f"shard {grad_shard:.0f}")

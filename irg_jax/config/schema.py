@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     })
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.sharding = ml_collections.ConfigDict({"rules": DEFAULT_RULES})
+    # A parameter over this size that the rules shard on a dimension the mesh does not divide
+    # is a start-up error naming it (None: no limit); smaller ones are replicated and logged.
+    c.sharding = ml_collections.ConfigDict({"rules": DEFAULT_RULES, "max_unshardable_mib": 16.0})
 
     c.optim = ml_collections.ConfigDict({
         "lr": 2e-5, "schedule": "constant", "warmup_steps": 0, "min_lr": 1e-7,

@@ -1,6 +1,7 @@
 """Start-up validation: a config mistake fails here with the key's name, not deep in JAX."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Iterator
 
@@ -86,8 +87,8 @@ def _check_training(config) -> None:
             raise ConfigError(key, f"must be positive, got {flat[key]}")
     if config.optim.schedule not in ("constant", "cosine"):
         raise ConfigError("optim.schedule", f"must be 'constant' or 'cosine', got {config.optim.schedule!r}")
-    if not config.optim.lr > 0:
-        raise ConfigError("optim.lr", f"must be > 0, got {config.optim.lr}")
+    if not (config.optim.lr > 0 and math.isfinite(config.optim.lr)):
+        raise ConfigError("optim.lr", f"must be finite and > 0, got {config.optim.lr}")
     if config.optim.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps", "must be >= 0")
     if not 0.0 <= config.ema.decay < 1.0:
@@ -99,6 +100,27 @@ def _check_training(config) -> None:
             raise ConfigError("checkpoint.init_from_kind", "must be 'params' or 'train_state' when init_from is set")
 
 
+def _check_model(config) -> None:
+    model = config.get("model")
+    if model is None:
+        return
+    from irg_jax.model import remat
+    policy = model.get("remat_policy", "nothing_saveable")
+    if policy not in remat.POLICIES:
+        raise ConfigError("model.remat_policy", f"{policy!r} is not one of {list(remat.POLICIES)}")
+    if policy == "offload_dots" and model.get("remat", False):
+        import jax
+        if jax.default_backend() == "cpu":
+            raise ConfigError("model.remat_policy", "'offload_dots' needs a backend with host memory "
+                              "spaces (GPU, TPU); on CPU use 'nothing_saveable' or 'dots_saveable'")
+    for key in ("mlp_chunk", "ce_chunk"):
+        if int(model.get(key, 0)) < 0:
+            raise ConfigError(f"model.{key}", f"must be >= 0 (0: no chunking), got {model.get(key)}")
+    limit = config.get("sharding", {}).get("max_unshardable_mib", 0)
+    if limit is not None and limit < 0:
+        raise ConfigError("sharding.max_unshardable_mib", f"must be >= 0 (or None: no limit), got {limit}")
+
+
 def _check_budgets(config) -> None:
     if "data" not in config:
         return
@@ -107,7 +129,7 @@ def _check_budgets(config) -> None:
         data_config.check_data_config(config.data, config.get("model"), ConfigError)
 
 
-CHECKS: tuple[Callable[..., None], ...] = (_check_training, _check_budgets)
+CHECKS: tuple[Callable[..., None], ...] = (_check_training, _check_model, _check_budgets)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from irg_jax.data.packed_batch import TEXT
@@ -78,6 +77,7 @@ class Bagel(nnx.Module):
 
     def embed_latents(self, x_t: jax.Array, t: jax.Array, pos_ids: jax.Array) -> jax.Array:
         """Noisy (or clean, t=0) latent tokens [B, N, D_lat], times [B, N] -> LLM tokens [B, N, D]."""
+        t = constrain(t, ("batch", "length"))
         h = self.vae2llm(x_t.astype(self.dtype)) + self.time_embedder(t, self.dtype)
         return h + jnp.take(self.latent_pos_table[...], pos_ids, axis=0).astype(self.dtype)
 
@@ -117,8 +117,11 @@ class Bagel(nnx.Module):
             image_id = pack["vit_image_id"]
             feats = self.embed_vit(pack["vit_patches"], pack["vit_pos_ids"], image_id)
             dest = jnp.where(image_id >= 0, pack["vit_dest"], und_len)  # padding rows are dropped
-            rows = jnp.arange(b)[:, None]
-            h_und = h_und.at[rows, dest].set(feats.astype(self.dtype), mode="drop")
+            feats = constrain(feats.astype(self.dtype), ("batch", "length", "embed"))
+            # A scatter per pack (vmapped: the batch axis stays a batch axis of the scatter, so
+            # it is partitioned over the batch axes instead of gathered to the global batch).
+            h_und = jax.vmap(lambda h, d, f: h.at[d].set(f, mode="drop"))(h_und, dest, feats)
+            h_und = constrain(h_und, ("batch", "length", "embed"))
 
         # Batch-dimension activations stay on the batch axes (else every device embeds the
         # latents of the whole global batch).
@@ -131,7 +134,8 @@ class Bagel(nnx.Module):
         h = jnp.concatenate([h_und, h_gen], axis=1)
         h = constrain(h, ("batch", "length", "embed"))
         meta = TokenMeta(pack["doc_id"], pack["split_id"], pack["split_mode"], pack["seq_pos"])
-        out = self.decoder(h, pack["rope_pos"], meta, und_len, collect_layer_outputs=collect_layer_outputs)
+        out = self.decoder(h, pack["rope_pos"], meta, und_len, collect_layer_outputs=collect_layer_outputs,
+                           with_kv=False)
 
         ce_hidden = jnp.take_along_axis(out.hidden, pack["ce_index"][..., None], axis=1)
         result = {
@@ -155,14 +159,28 @@ def chunked_ce_sum(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, vali
     tokens run through a scan whose body is rematerialised: the [B, chunk, V] logits exist
     for one chunk at a time in the forward and the backward pass (a 7B pack's 8192 CE
     tokens x 152064 vocab would be 4.6 GiB of fp32 logits at once).
+
+    On a mesh the CE is vocab-parallel over the devices that hold the batch: each chunk's
+    hidden states (small) are gathered over the batch axes, the kernel is split along the
+    vocabulary over the same axes (once, in the compute dtype), so each device computes
+    the logits of all packs for its slice of the vocabulary, and the log-sum-exp and the
+    label logit are reduced across devices. No device ever holds the full [D, V] kernel or
+    its fp32 gradient (2 GiB each at 7B); the per-device work stays 1/N of the total.
     """
+    k = constrain(kernel.astype(hidden.dtype), (None, "batch"))
+
     def part(h, y, m):
-        logits = jnp.einsum("bnd,dv->bnv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", None, "vocab"))
-        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum(jnp.where(m, per_token, 0.0))
+        h, y, m = (constrain(x, (None,) * x.ndim) for x in (h, y, m))
+        logits = jnp.einsum("bnd,dv->bnv", h, k, preferred_element_type=jnp.float32)
+        logits = constrain(logits, (None, None, "batch"))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        is_label = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == y[..., None]
+        picked = jnp.sum(jnp.where(is_label, logits, 0.0), axis=-1)
+        return jnp.sum(jnp.where(m, lse - picked, 0.0))
 
     b, n, d = hidden.shape
+    if labels.shape != (b, n) or kernel.shape[0] != d:
+        raise ValueError(f"chunked_ce_sum: hidden {hidden.shape}, kernel {kernel.shape}, labels {labels.shape}")
     if not chunk or n <= chunk:
         return part(hidden, labels, valid)
     num = -(-n // chunk)

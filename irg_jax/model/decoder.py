@@ -24,7 +24,7 @@ import ml_collections
 from flax import nnx
 
 from irg_jax.model import attention as attn_lib
-from irg_jax.model import remat
+from irg_jax.model import layer_scan, remat
 from irg_jax.model.attention import TokenMeta
 from irg_jax.model.embeddings import Linear
 from irg_jax.parallel.sharding import constrain, param
@@ -230,13 +230,27 @@ class Decoder(nnx.Module):
 
     def __call__(self, x: jax.Array, rope_pos: jax.Array, meta: TokenMeta, und_len: int, *,
                  past_kv: tuple[jax.Array, jax.Array] | None = None, past_meta: TokenMeta | None = None,
-                 collect_layer_outputs: bool = False) -> DecoderOutput:
+                 collect_layer_outputs: bool = False, with_kv: bool = True) -> DecoderOutput:
         """Run all layers on x [B, L, D] (laid out [und | gen], ``und_len`` static).
 
         ``past_kv``: optional cached (keys, values) [num_layers, B, Lp, Hk, D] with ``past_meta``.
+        ``with_kv=False`` (training) returns no keys/values; with scanned layers under the
+        ``nothing_saveable`` policy the layers then run through :func:`layer_scan.scan_layers`,
+        which saves each layer's input in the compute dtype for the backward pass.
         """
         cos, sin = rope_tables(rope_pos, self.llm.head_dim, self.llm.rope_theta)
         x = constrain(x, ("batch", "length", "embed"))
+        if (self.scan_layers and self.remat_policy == "nothing_saveable" and past_kv is None
+                and not with_kv and not collect_layer_outputs):
+            graphdef, states = nnx.split(self.layers)
+
+            def layer_fn(state, h, consts):
+                cos, sin, meta = consts
+                h, _ = nnx.merge(graphdef, state)(h, cos, sin, meta, und_len)
+                return h
+
+            x = layer_scan.scan_layers(layer_fn, ("batch", "length", "embed"), states, x, (cos, sin, meta))
+            return DecoderOutput(self.final_norm(x, und_len), None, None, None)
 
         def run(layer_state, graphdef, h, past):
             layer = nnx.merge(graphdef, layer_state)

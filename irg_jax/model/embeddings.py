@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from irg_jax.parallel.sharding import param
+from irg_jax.parallel.sharding import constrain, param
 
 Initializer = Callable[..., jax.Array]
 
@@ -91,8 +91,12 @@ class TimestepEmbedder(nnx.Module):
         self.fc2 = Linear(hidden, hidden, rngs=rngs, axes=(None, "embed"))
 
     def __call__(self, t: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        h = self.fc1(timestep_features(self.scale * jnp.asarray(t, jnp.float32), self.freq_dim).astype(dtype))
-        return self.fc2(jax.nn.silu(h))
+        t = jnp.asarray(t, jnp.float32)
+        # Per-token activations follow t's (batch) sharding, not the kernels' embed sharding:
+        # else the weight gradients all-gather the global batch's [B, L, D] hidden states.
+        rows = (lambda x: constrain(x, ("batch",) + (None,) * t.ndim)) if t.ndim else (lambda x: x)
+        h = rows(self.fc1(timestep_features(self.scale * t, self.freq_dim).astype(dtype)))
+        return rows(self.fc2(jax.nn.silu(h)))
 
 
 def space_to_depth(x, p: int):

@@ -19,7 +19,7 @@ from flax import nnx
 
 from irg_jax.data.packed_batch import FULL
 from irg_jax.model import attention as attn_lib
-from irg_jax.model import remat
+from irg_jax.model import layer_scan, remat
 from irg_jax.model.attention import TokenMeta
 from irg_jax.model.embeddings import Linear, sincos_2d_table
 from irg_jax.parallel.sharding import constrain, param
@@ -156,18 +156,22 @@ class SiglipEncoder(nnx.Module):
         x = constrain(x, ("batch", "length", "vit_embed"))
         meta = image_token_meta(jnp.broadcast_to(image_id, x.shape[:-1]))
 
-        def run(state, graphdef, h):
+        def block(state, graphdef, h, meta):
             return constrain(nnx.merge(graphdef, state)(h, meta), ("batch", "length", "vit_embed"))
 
-        run = remat.checkpoint(run, self.remat_policy, static_argnums=(1,))
+        run = remat.checkpoint(block, self.remat_policy, static_argnums=(1,))
         if self.scan and len(self.layers):
             graphdef = nnx.graphdef(self.layers[0])
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in self.layers))
-            x, _ = jax.lax.scan(lambda h, state: (run(state, graphdef, h), None), x, stacked)
+            if self.remat_policy == "nothing_saveable":  # inputs saved in the compute dtype
+                x = layer_scan.scan_layers(lambda state, h, meta: block(state, graphdef, h, meta),
+                                           ("batch", "length", "vit_embed"), stacked, x, meta)
+            else:
+                x, _ = jax.lax.scan(lambda h, state: (run(state, graphdef, h, meta), None), x, stacked)
         else:
             for block in self.layers:
                 graphdef, state = nnx.split(block)
-                x = run(state, graphdef, x)
+                x = run(state, graphdef, x, meta)
         return self.post_layernorm(x)
 
 

@@ -9,6 +9,7 @@ are replicated.
 from __future__ import annotations
 
 import contextlib
+import logging
 import contextvars
 from typing import Any, Callable, Sequence
 
@@ -33,15 +34,21 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, shape: Seq
     """Map logical axis names to a PartitionSpec; a mesh axis is used at most once.
 
     With ``shape`` and ``mesh``, a dimension that the mesh axes do not divide stays
-    replicated instead of failing at compile time.
+    replicated instead of failing at compile time (parameters: see :func:`state_shardings`,
+    which reports those).
     """
+    return _resolve(names, rules, shape, mesh)[0]
+
+
+def _resolve(names, rules, shape, mesh) -> tuple[P, list[tuple[int, str, tuple[str, ...]]]]:
+    """(spec, [(dim, logical name, mesh axes) the rules asked for but the dim size does not allow])."""
     if names is None:
-        return P()
+        return P(), []
     table: dict[str, Any] = {}
     for name, axes in rules:
         table.setdefault(name, axes)
     used: set[str] = set()
-    out = []
+    out, dropped = [], []
     for i, name in enumerate(names):
         axes = table.get(name) if name is not None else None
         if axes is None:
@@ -54,25 +61,62 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, shape: Seq
             if shape is not None and axes_t:
                 size = int(np.prod([mesh.shape[a] for a in axes_t]))
                 if shape[i] % size:
+                    dropped.append((i, name, axes_t))
                     axes_t = ()
         used.update(axes_t)
         out.append(None if not axes_t else (axes_t[0] if len(axes_t) == 1 else axes_t))
-    return P(*out)
+    return P(*out), dropped
 
 
 def _logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
     return var.get_metadata().get("logical_axes")
 
 
-def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
-    """NamedShardings for every leaf of an (abstract) nnx State, from its logical axes."""
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules, *,
+                    max_unshardable_bytes: int | None = None) -> nnx.State:
+    """NamedShardings for every leaf of an (abstract) nnx State, from its logical axes.
 
-    def one(var):
-        shape = getattr(var, "shape", None) or np.shape(var.get_value())
-        spec = logical_to_spec(_logical_axes(var), rules, shape, mesh)
+    A dimension the rules shard but the mesh does not divide is replicated; with
+    ``max_unshardable_bytes``, a parameter larger than that which ends up so is an error
+    that names it (no silent replication of large weights). Smaller ones are logged.
+    """
+    problems: list[str] = []
+    small: list[str] = []
+
+    def one(path, var):
+        shape = tuple(getattr(var, "shape", None) or np.shape(var.get_value()))
+        spec, dropped = _resolve(_logical_axes(var), rules, shape, mesh)
+        if dropped:
+            dtype = getattr(var, "dtype", None) or np.asarray(var.get_value()).dtype
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            what = (f"{jax.tree_util.keystr(path)} {list(shape)} ({nbytes / 2**20:.1f} MiB): "
+                    + "; ".join(f"dim {i} ({name}) = {shape[i]} is not divisible by mesh axes {axes} "
+                                f"(size {int(np.prod([mesh.shape[a] for a in axes]))})" for i, name, axes in dropped))
+            (problems if max_unshardable_bytes is not None and nbytes > max_unshardable_bytes else small).append(what)
         return NamedSharding(mesh, spec)
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    out = jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if problems:
+        raise ValueError(
+            f"{len(problems)} parameter(s) over sharding.max_unshardable_mib="
+            f"{max_unshardable_bytes / 2**20:g} cannot be sharded as the rules say on mesh "
+            f"{dict(mesh.shape)} (change the mesh, the rules or the limit):\n  " + "\n  ".join(problems))
+    if small:
+        logging.info("%d small parameter(s) replicated on a dimension the rules shard, e.g. %s",
+                     len(small), small[0])
+    return out
+
+
+def replicated_share(abstract: Any, shardings: Any) -> tuple[float, float]:
+    """(bytes held per device, of which fully replicated) for a tree of arrays and their shardings."""
+    per_device = replicated = 0.0
+    for x, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        nbytes = float(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        shard = float(np.prod(sh.shard_shape(tuple(x.shape)))) * np.dtype(x.dtype).itemsize
+        per_device += shard
+        if sh.is_fully_replicated and len(sh.device_set) > 1:
+            replicated += nbytes
+    return per_device, replicated
 
 
 def tree_shardings(tree: Any, axes_tree: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from irg_jax import runtime
 from irg_jax.model.bagel import training_flops
 from irg_jax.parallel.mesh import build_mesh
-from irg_jax.parallel.sharding import activation_rules
+from irg_jax.parallel.sharding import activation_rules, replicated_share
 from irg_jax.inference.runner import check_tokenizer
 from irg_jax.train import checkpointing, export, init_from, model_setup
 from irg_jax.train import mfu as mfu_lib
@@ -98,12 +98,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
     bundle, init_params = model_setup.build(config.model, mesh, rules, config.seed,
-                                            autoencoder=init_from.load_autoencoder(config))
+                                            autoencoder=init_from.load_autoencoder(config),
+                                            max_unshardable_mib=config.sharding.get("max_unshardable_mib"))
     tx, schedule = make_optimizer(config, bundle.abstract_params)
     replicated = NamedSharding(mesh, P())
     abstract_state = jax.eval_shape(
         lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled), bundle.abstract_params)
     state_shardings = state_lib.shardings(abstract_state, bundle.param_shardings, replicated)
+    held, copied = replicated_share(abstract_state, state_shardings)
+    logging.info("train state: %.2f GiB per device, of which %.2f GiB (%.1f%%) fully replicated",
+                 held / 2**30, copied / 2**30, 100 * copied / max(held, 1))
 
     tokenizer = load_tokenizer(config.data.tokenizer_path)
     check_tokenizer(tokenizer, config.model, f"config.data.tokenizer_path={config.data.tokenizer_path}")

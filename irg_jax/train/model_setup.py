@@ -30,12 +30,17 @@ class ModelBundle:
 
 
 def build(model_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, seed: int,
-          autoencoder: nnx.Module | None = None) -> tuple[ModelBundle, Callable[[], Any]]:
-    """Returns the bundle and ``init_params()``, which creates the parameters already sharded."""
+          autoencoder: nnx.Module | None = None, *,
+          max_unshardable_mib: float | None = None) -> tuple[ModelBundle, Callable[[], Any]]:
+    """Returns the bundle and ``init_params()``, which creates the parameters already sharded.
+
+    ``max_unshardable_mib``: a parameter over this size that the rules cannot shard on this
+    mesh is an error (``sharding.max_unshardable_mib``)."""
     create = lambda: Bagel(model_cfg, rngs=nnx.Rngs(seed))
     abstract = nnx.eval_shape(create)
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-    shardings = sharding.state_shardings(abstract_params, mesh, rules).to_pure_dict()
+    limit = None if max_unshardable_mib is None else int(max_unshardable_mib * 2**20)
+    shardings = sharding.state_shardings(abstract_params, mesh, rules, max_unshardable_bytes=limit).to_pure_dict()
 
     abstract.rebuild_tables()  # the only non-parameter state; cheap to build concretely
     consts = nnx.split(abstract, nnx.Param, ...)[2]
