@@ -162,12 +162,16 @@ def _structured_plan(layers: int, scale: int, policy: str):
 def test_step_memory_grows_linearly_in_pack_length_and_layers(policy):
     """Regression guard for the 7B step's memory: temporaries per device grow at most linearly
     with the pack length (the hoisted [blocks x blocks] attention masks grew quadratically) and,
-    per added layer, by no more than the saved layer input plus the layer's gradient shard."""
+    per added layer (nothing_saveable), by no more than the saved layer input plus the layer's
+    gradient shard. Without the attention's optimisation barrier, dots_saveable grows 3.5x for
+    packs twice as long (measured), which the length check catches."""
     base, _ = _structured_plan(layers=2, scale=1, policy=policy)
     longer, saved = _structured_plan(layers=2, scale=2, policy=policy)
     deeper, _ = _structured_plan(layers=4, scale=2, policy=policy)
     t1, t2, t4 = base.memory.temporaries, longer.memory.temporaries, deeper.memory.temporaries
     assert t2 <= 2.2 * t1, f"temporaries {t1} -> {t2} bytes for packs twice as long: more than linear"
+    if policy != "nothing_saveable":
+        return  # dots_saveable keeps every layer's matmul outputs by design; the length check is the guard
     grad_shard = (deeper.param_count - longer.param_count) * 4 / 8  # fp32 gradients over 8 devices
     per_layer = (t4 - t2) / 2
     assert per_layer <= saved + 2 * grad_shard, (
