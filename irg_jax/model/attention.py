@@ -139,6 +139,21 @@ def _block_scores(qb, kb, mask):
     return jnp.where(mask, s, _NEG)
 
 
+def online_softmax_block(carry, qb, kb, vb, mask):
+    """One key block of an online softmax: carry (max, sum, acc) [B, Hk, G, bq(, D)] in fp32.
+
+    ``qb [B, bq, Hk, G, D]``, ``kb/vb [B, bk, Hk, D]``, ``mask [B, 1, 1, bq, bk]``.
+    """
+    m, l, acc = carry
+    s = _block_scores(qb, kb, mask)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    acc = acc * corr[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb,
+                                             preferred_element_type=jnp.float32)
+    return m_new, l * corr + p.sum(-1), acc
+
+
 def _tie_metadata(q, qm, km):
     """Make the block masks depend on q, so that they are computed block by block.
 
@@ -165,14 +180,7 @@ def _flash_forward(q, k, v, qm, km):
             mask = allowed_mask(qmb, kmb)[:, None, None]
 
             def compute(carry):
-                m, l, acc = carry
-                s = _block_scores(qb, kb, mask)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-                corr = jnp.exp(m - m_new)
-                acc = acc * corr[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb,
-                                                         preferred_element_type=jnp.float32)
-                return m_new, l * corr + p.sum(-1), acc
+                return online_softmax_block(carry, qb, kb, vb, mask)
 
             return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry), None
 
