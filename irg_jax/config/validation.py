@@ -113,12 +113,28 @@ def _check_model(config) -> None:
         if jax.default_backend() == "cpu":
             raise ConfigError("model.remat_policy", "'offload_dots' needs a backend with host memory "
                               "spaces (GPU, TPU); on CPU use 'nothing_saveable' or 'dots_saveable'")
+    _check_attention(model.get("attention"))
     for key in ("mlp_chunk", "ce_chunk"):
         if int(model.get(key, 0)) < 0:
             raise ConfigError(f"model.{key}", f"must be >= 0 (0: no chunking), got {model.get(key)}")
     limit = config.get("sharding", {}).get("max_unshardable_mib", 0)
     if limit is not None and limit < 0:
         raise ConfigError("sharding.max_unshardable_mib", f"must be >= 0 (or None: no limit), got {limit}")
+
+
+def _check_attention(attn) -> None:
+    if attn is None:
+        return
+    from irg_jax.model import attention
+    if attn.get("impl") not in attention.names():
+        raise ConfigError("model.attention.impl", f"{attn.get('impl')!r} is not one of {attention.names()}")
+    for key in ("block_q", "block_k"):
+        value = attn.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"model.attention.{key}", f"must be a positive int, got {value!r}")
+        gpu = attention.resolve(attn.impl) == "pallas_gpu"
+        if gpu and (value < 16 or value & (value - 1)):
+            raise ConfigError(f"model.attention.{key}", f"pallas_gpu needs a power of two >= 16, got {value}")
 
 
 def _check_budgets(config) -> None:

@@ -20,6 +20,9 @@ arrays ``[B, Lq]`` / ``[B, Lk]``, output ``[B, Lq, Hq, D]`` in ``q.dtype``.
   VJP that recomputes probabilities blockwise, and fully masked blocks skipped. Memory is
   O(L) in the sequence; no L x L array exists.
 * ``dense``: materialises the full mask; a reference for tests and tiny inputs.
+* ``pallas_tpu`` / ``pallas_gpu``: Pallas kernels (``irg_jax.model.kernels``) that visit only
+  the (query, key) blocks with an allowed pair, from per-block lists derived from the metadata.
+* ``auto`` (the default): ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``chunked`` on CPU.
 """
 from __future__ import annotations
 
@@ -48,13 +51,20 @@ class TokenMeta(NamedTuple):
         return TokenMeta(*(jnp.concatenate(f, axis=1) for f in zip(*metas)))
 
 
-def allowed_mask(q: TokenMeta, k: TokenMeta) -> jax.Array:
-    """bool [B, Lq, Lk]: may query i attend to key j (spec §2.5 on logical positions)."""
-    qd, qs, qm, qp = (a[:, :, None] for a in q)
-    kd, ks, km, kp = (a[:, None, :] for a in k)
+def mask_rule(qd, qs, qm, qp, kd, ks, km, kp):
+    """The rule of spec §2.5 on broadcastable query fields (doc, split, mode, pos) and key fields.
+
+    Shared by :func:`allowed_mask` and the Pallas kernels (``irg_jax.model.kernels``), which
+    evaluate it inside a (query block, key block) tile.
+    """
     same_split = qs == ks
     visible = (kp <= qp) | (same_split & (qm != CAUSAL))
     return (qd == kd) & visible & ~((km == NOISE) & ~same_split)
+
+
+def allowed_mask(q: TokenMeta, k: TokenMeta) -> jax.Array:
+    """bool [B, Lq, Lk]: may query i attend to key j (spec §2.5 on logical positions)."""
+    return mask_rule(*(a[:, :, None] for a in q), *(a[:, None, :] for a in k))
 
 
 AttentionFn = Callable[..., jax.Array]
@@ -69,6 +79,11 @@ def register(name: str) -> Callable[[AttentionFn], AttentionFn]:
         return fn
 
     return deco
+
+
+def names() -> list[str]:
+    """The registered impl names (valid values of ``model.attention.impl``)."""
+    return sorted(_REGISTRY)
 
 
 def get(name: str) -> AttentionFn:
@@ -265,3 +280,33 @@ def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q:
     km = _meta_blocks(k_meta, nk, nk * bk, INVALID_DOC)
     out = _flash(qg, kb, vb, qm, km)
     return _unblocks(out)[:, :lq].reshape(b, lq, hq, d)
+
+
+# ---------------------------------------------------------------- Pallas kernels and "auto"
+
+@register("pallas_tpu")
+def pallas_tpu_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q: int = 128, block_k: int = 128):
+    """Mosaic TPU kernels with scalar-prefetched block lists (Pallas interpreter off TPU: slow)."""
+    from irg_jax.model.kernels import pallas_tpu
+    return pallas_tpu.attention(q, k, v, q_meta, k_meta, block_q=block_q, block_k=block_k)
+
+
+@register("pallas_gpu")
+def pallas_gpu_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q: int = 128, block_k: int = 128):
+    """Triton GPU kernels looping over the block lists (Pallas interpreter off GPU: slow)."""
+    from irg_jax.model.kernels import pallas_gpu
+    return pallas_gpu.attention(q, k, v, q_meta, k_meta, block_q=block_q, block_k=block_k)
+
+
+AUTO_BY_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}  # anything else (CPU): "chunked"
+
+
+def resolve(name: str) -> str:
+    """The impl ``name`` stands for: ``auto`` picks by ``jax.default_backend()`` (at trace time)."""
+    return AUTO_BY_BACKEND.get(jax.default_backend(), "chunked") if name == "auto" else name
+
+
+@register("auto")
+def auto_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q: int = 512, block_k: int = 512):
+    """``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``chunked`` elsewhere."""
+    return get(resolve("auto"))(q, k, v, q_meta, k_meta, block_q=block_q, block_k=block_k)
