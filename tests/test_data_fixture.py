@@ -203,9 +203,11 @@ def test_iterator_run_replay(irg):
         np.testing.assert_array_equal(view["sample_lens"], ref[f"pack{k}/sample_lens"][:-1])
         np.testing.assert_array_equal(view["split_lens"], ref[f"pack{k}/split_lens"][:-1])
         np.testing.assert_array_equal(res.pack.latent_u, ref[f"pack{k}/packed_timesteps"])
-    # The third pack starts with four mandatory samples (20968 > max_num_tokens, as in IRG) and is
-    # emitted only through the overflow path once the buffer is full.
-    assert res.stats["tokens"] == 20968 and len(asm.buffer) == cfg["max_buffer_size"]
+    # The third pack starts with four mandatory samples (20968 > max_num_tokens, as in IRG). IRG then
+    # draws 50 samples into its buffer and drops the 51st to emit it (its log: "Yielding data with
+    # length 20968"); ours emits it at once, having drawn nothing more, and loses nothing.
+    assert "Yielding data with length 20968" in meta["printed_log"]
+    assert res.stats["tokens"] == 20968 and res.stats["drawn"] == 4 and asm.buffer == []
 
 
 def test_bad_rows(irg):

@@ -39,10 +39,10 @@ def test_every_image_flag_combination(loss, vae, vit):
 
 
 def test_text_flags_defaults_and_ints():
-    s = parse([user("a", need_loss=1), assistant(text_part("b"), text_part("c", need_loss=0)),
-               {"role": "system", "content": "ignored"}, user("")])
+    s = parse([user("a", need_loss=1), assistant(text_part("b"), text_part("c", need_loss=0), text_part("")),
+               user("")])
     assert [p.loss for p in s.plan] == [True, True, False]
-    assert "other_role_ignored" in s.notes and "empty_turn_ignored" in s.notes
+    assert "empty_part_ignored" in s.notes and "empty_turn_ignored" in s.notes
     assert s.text_ids[0] == tuple(TOK.encode("a"))
 
 
@@ -72,6 +72,8 @@ BAD_ROWS = {
     "undecodable_base64": [user("a"), assistant(image_part("abcde", need_loss=True))],
     "undecodable_image": [user("a"), assistant(image_part(base64.b64encode(b"not an image").decode(), need_loss=True))],
     "empty_plan": [],
+    "empty_image": [user("a"), assistant(image_part("", need_loss=True))],
+    "invalid_text": '[{"role": "user", "content": "a \\ud800 b"}]',
 }
 
 

@@ -204,30 +204,47 @@ def test_over_budget_samples_are_skipped_and_counted():
     assert res.members == [(0, 1)] and res.stats["samples"] == 1
 
 
-def test_overflow_buffer_and_preference():
-    # pack budget 40 tokens: T2I (12) + FULL (28) fit exactly; a second FULL overflows to the buffer
-    policy = PackingPolicy(expected_num_tokens=40, max_num_tokens=40, max_num_tokens_per_sample=40,
-                           prefer_buffer_before=20, max_buffer_size=1)
-    asm, _ = assembler(policy, [GroupChoice("t2i", True, 0.0), GroupChoice("full", False, 1.0)])
+def test_overflow_buffer_keeps_every_sample():
+    # und_len 30: the mandatory T2I (und 8) and one FULL (und 20) per pack; every second FULL is buffered
+    tight = pb.PackBudgets(30, 16, 6, 8, 4, (48, 32))
+    asm, counter = assembler(PackingPolicy(60, 60, 40, 20, max_buffer_size=1),
+                             [GroupChoice("t2i", True, 0.0), GroupChoice("full", False, 1.0)], tight)
     draw = streams([T2I], [FULL])
-    first = asm.next_pack(draw, FixedRandom())
-    assert first.members == [(0, 0), (1, 0)] and first.stats["tokens"] == 40 and not asm.buffer
-    tight = pb.PackBudgets(30, 16, 6, 8, 4, (48, 32))  # und_len 30: T2I (8) + one FULL (20) per pack
-    asm2, _ = assembler(PackingPolicy(60, 60, 40, 20, max_buffer_size=1),
-                        [GroupChoice("t2i", True, 0.0), GroupChoice("full", False, 1.0)], tight)
-    draw = streams([T2I], [FULL])
-    p1 = asm2.next_pack(draw, FixedRandom())
-    # T2I, FULL#0; FULL#1 exceeds und_len -> buffer; FULL#2 too, buffer full -> emit, FULL#2 carried
-    assert p1.members == [(0, 0), (1, 0)] and [c.index for c in asm2.buffer] == [1] and asm2.carry.index == 2
-    p2 = asm2.next_pack(draw, FixedRandom())
-    # next pack: the mandatory T2I, then the carried sample (not dropped as in IRG)
-    assert p2.members == [(0, 1), (1, 2)]
-    assert asm2.buffer_state() == {"buffer": [[1, 1]], "carry": [1, 3]}
-    # below prefer_buffer_before the buffer is served first
-    asm3, _ = assembler(PackingPolicy(60, 60, 40, 60, max_buffer_size=2),
-                        [GroupChoice("t2i", True, 0.0), GroupChoice("full", False, 1.0)], tight)
-    asm3.restore_buffer({"buffer": [[1, 7]], "carry": []}, lambda g, i: FULL)
-    p3 = asm3.next_pack(streams([T2I], [FULL]), FixedRandom())
-    assert p3.members[:2] == [(0, 0), (1, 7)]
-    pack = to_packed_batch(p3.pack, tight)
-    assert (pack["kind"] == pb.PAD).sum() == tight.seq_len - p3.stats["tokens"]
+    p1 = asm.next_pack(draw, FixedRandom())
+    # T2I#0, FULL#0; FULL#1 exceeds und_len -> buffer, which is then full: emit (nothing dropped)
+    assert p1.members == [(0, 0), (1, 0)] and [c.index for c in asm.buffer] == [1]
+    assert p1.stats["drawn"] == 3 and p1.stats["buffered"] == 1 and p1.stats["buffer_size"] == 1
+    for k in range(2, 6):
+        p = asm.next_pack(draw, FixedRandom())
+        # the buffered FULL comes first (after the mandatory sample), the fresh one waits
+        assert p.members == [(0, k - 1), (1, k - 1)] and [c.index for c in asm.buffer] == [k]
+        assert p.stats["from_buffer"] == 1 and p.stats["max_wait"] == 1
+    assert asm.buffer_state() == {"buffer": [[1, 5, 4]], "head_due": False, "num_packs": 5}
+    assert not counter.skipped
+
+
+def test_unfit_head_opens_the_next_pack():
+    # und_len 30: the mandatory FULL (und 20) never fits beside another FULL
+    tight = pb.PackBudgets(30, 16, 6, 8, 4, (48, 32))
+    asm, _ = assembler(PackingPolicy(60, 60, 40, 60, max_buffer_size=2),
+                       [GroupChoice("full", True, 0.0), GroupChoice("t2i", False, 1.0)], tight)
+    asm.restore_buffer({"buffer": [[0, 7, 0]], "head_due": False, "num_packs": 0}, lambda g, i: FULL)
+    draw = streams([FULL], [T2I])
+    p1 = asm.next_pack(draw, FixedRandom())
+    # FULL#0 (mandatory); the buffered FULL#7 does not fit and stays first; T2I#0 fits, T2I#1 is buffered
+    assert p1.members == [(0, 0), (1, 0)] and [c.index for c in asm.buffer] == [7, 1] and asm.head_due
+    p2 = asm.next_pack(draw, FixedRandom())
+    # FULL#7 opens the pack; the mandatory FULL#1 no longer fits and goes to the back; T2I#1 fits
+    assert p2.members == [(0, 7), (1, 1)] and p2.stats["mandatory_deferred"] == 1
+    assert [(c.group, c.index) for c in asm.buffer] == [(0, 1), (1, 2)] and not asm.head_due
+    assert p2.stats["max_wait"] == 1
+    p3 = asm.next_pack(draw, FixedRandom())
+    # FULL#1 (deferred) waits behind T2I#2 but opens no pack: FULL#2 is drawn, then T2I#2 fits
+    assert p3.members == [(0, 2), (1, 2)] and [(c.group, c.index) for c in asm.buffer] == [(0, 1), (1, 3)]
+    assert asm.head_due
+    p4 = asm.next_pack(draw, FixedRandom())
+    assert p4.members[0] == (0, 1) and p4.stats["max_wait"] == 2
+    # a state from before the buffer kept its order: the carried sample opens the next pack
+    asm.restore_buffer({"buffer": [[1, 3]], "carry": [0, 9]}, lambda g, i: FULL if g == 0 else T2I)
+    assert [(c.group, c.index) for c in asm.buffer] == [(0, 9), (1, 3)] and asm.head_due
+    assert asm.next_pack(draw, FixedRandom()).members[0] == (0, 9)

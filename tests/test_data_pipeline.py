@@ -67,6 +67,11 @@ def test_batches_have_the_packed_layout(data_root):
             pb.check_pack({k: v[i] for k, v in batch.items()}, b)
     m = it.metrics()
     assert m["data/packs"] == 6 and m["data/samples"] > 6
+    # every drawn sample is packed or waiting in a buffer; none is dropped
+    assert m["data/packed"] == m["data/samples"] and m["data/dropped"] == 0
+    assert m["data/drawn"] == m["data/packed"] + m["data/in_buffer"]
+    assert sum(v for k, v in m.items() if k.startswith("data/drawn/")) == m["data/drawn"]
+    assert sum(v for k, v in m.items() if k.startswith("data/packed/")) == m["data/packed"]
     assert m["data/skipped/null_conversation"] >= 1 or m["data/skipped/malformed_json"] >= 1
     assert 0 <= m["data/pad_fraction"] < 1
 

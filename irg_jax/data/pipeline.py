@@ -156,7 +156,7 @@ class PackIterator(grain.DatasetIterator):
         for prefix, now, old in (("skipped", self._counter.skipped, before[0]), ("noted", self._counter.noted, before[1])):
             for k, v in (now - old).items():
                 stats[f"{prefix}/{k}"] = v
-        return {"arrays": arrays, "bucket": bucket, "stats": dict(stats)}
+        return {"arrays": arrays, "bucket": bucket, "stats": dict(stats), "sources": list(result.pack.sources)}
 
     def get_state(self) -> dict[str, Any]:
         return {"next": self._next, "streams": [s.get_state() for s in self._streams]}
@@ -196,10 +196,10 @@ class _BatchIterator(grain.DatasetIterator):
         arrays = [rebucket(p["arrays"], self._ds.buckets[bucket], self._ds.vae_stride) for p in packs]
         stats: collections.Counter = collections.Counter()
         for p in packs:
-            stats.update(p["stats"])
-        stats["buffer_size"] = packs[-1]["stats"].get("buffer_size", 0)
+            stats.update(p["stats"])  # counts add up; buffer_size too: each pack is another row's
+        stats["max_wait"] = max(p["stats"].get("max_wait", 0) for p in packs)
         return {"arrays": {k: np.stack([a[k] for a in arrays]) for k in arrays[0]},
-                "bucket": bucket, "stats": dict(stats)}
+                "bucket": bucket, "stats": dict(stats), "sources": [p.get("sources", []) for p in packs]}
 
     def get_state(self):
         return self._parent.get_state()
@@ -212,6 +212,7 @@ class _BatchIterator(grain.DatasetIterator):
 
 
 _LAST_VALUE_STATS = ("buffer_size",)
+_MAX_STATS = ("max_wait",)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -228,9 +229,12 @@ class TrainIterator(grain.DatasetIterator):
         self._process_count = process_count
         self._totals: collections.Counter = collections.Counter(startup_metrics)
         self._last: dict[str, float] = {}
+        # The rows ("<file> row <n>") packed into each of this process's packs of the last batch.
+        self.last_sources: list[list[str]] = []
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._parent)
+        self.last_sources = batch.get("sources", [])
         bucket = batch["bucket"]
         if self._process_count > 1:  # every process must hand over the same shapes
             from jax.experimental import multihost_utils
@@ -239,6 +243,8 @@ class TrainIterator(grain.DatasetIterator):
         for k, v in batch["stats"].items():
             if k in _LAST_VALUE_STATS:
                 self._last[k] = v
+            elif k in _MAX_STATS:
+                self._totals[k] = max(self._totals[k], v)
             else:
                 self._totals[k] += v
         self._last["bucket"] = bucket
@@ -251,19 +257,32 @@ class TrainIterator(grain.DatasetIterator):
                 for k, v in arrays.items()}
 
     def metrics(self) -> dict[str, float]:
-        """``data/<name>``: cumulative counts (packs, samples, tokens, pad_tokens, over_sample_budget,
-        mandatory_deferred, skipped/<reason>, noted/<reason>) and the last batch's buffer_size,
-        bucket and pad_fraction, all over this process's rows only."""
+        """``data/<name>``, over this process's rows only:
+
+        - cumulative counts: packs, samples (= packed), tokens, pad_tokens, drawn, packed,
+          drawn/<group>, packed/<group>, from_buffer, buffered (samples sent to the buffer),
+          mandatory_deferred (of those, mandatory ones), mandatory_postponed, skipped/<reason>,
+          skipped_files/<reason>, noted/<reason>;
+        - in_buffer: samples waiting in the overflow buffers after the last batch;
+        - dropped: drawn - packed - in_buffer, drawn samples that were lost (always 0);
+        - max_wait: most packs a sample spent in the buffer so far;
+        - the last batch's bucket and pad_fraction.
+        """
         out = {f"data/{k}": float(v) for k, v in sorted(self._totals.items())}
-        out.update({f"data/{k}": float(v) for k, v in self._last.items()})
+        out.update({f"data/{k}": float(v) for k, v in self._last.items() if k != "buffer_size"})
+        in_buffer = self._last.get("buffer_size", 0)
+        out["data/in_buffer"] = float(in_buffer)
+        out["data/dropped"] = float(self._totals["drawn"] - self._totals["packed"] - in_buffer)
         return out
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "totals": dict(self._totals)}
+        return {"pipeline": self._parent.get_state(), "totals": dict(self._totals),
+                "in_buffer": int(self._last.get("buffer_size", 0))}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["pipeline"])
         self._totals = collections.Counter(state["totals"])
+        self._last = {"buffer_size": int(state.get("in_buffer", 0))}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -285,7 +304,9 @@ def build_group_datasets(data, tokenizer: Tokenizer, *, seed: int,
     for i, g in enumerate(groups_from_config(data.groups)):
         rows = ParquetRows(g.paths, counter, cache_size=data.row_group_cache_size)
         if len(rows) == 0:
-            raise ValueError(f"config.data.groups.{g.name}: no readable rows in {list(g.paths)}")
+            why = "; ".join(f"{path}: {reason} ({detail})" for path, reason, detail in rows.problems)
+            raise ValueError(f"config.data.groups.{g.name}: no readable rows in {list(g.paths)}"
+                             + (f" ({why})" if why else ""))
         decoder = RowDecoder(tokenizer, g.vae.build(max_bucket), g.vit.build(), data.fail_fast, data.max_image_pixels)
         ds = grain.MapDataset.source(rows).shuffle(seed=_seed32(seed, i)).repeat(None).map(decoder)
         datasets.append(ds)
