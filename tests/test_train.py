@@ -117,19 +117,34 @@ def test_same_seed_gives_identical_losses_and_sigkill_resume_is_exact(world, ref
         assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]} (killed after step {killed_at})"
 
 
+# `python -m irg_jax.train` with a hook that sends SIGTERM to the trainer itself when step
+# SIGTERM_AT has been logged: the signal always arrives mid-run at a known step.
+SIGTERM_AT = 3
+_SIGTERM_LAUNCHER = f"""
+import os, runpy, signal
+from irg_jax.train import metrics
+log = metrics.ProgressLine.log
+def log_then_signal(self, step, scalars):
+    log(self, step, scalars)
+    if step == {SIGTERM_AT}:
+        os.kill(os.getpid(), signal.SIGTERM)
+metrics.ProgressLine.log = log_then_signal
+runpy.run_module("irg_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_sigterm_saves_exits_zero_and_restart_continues(world, reference_run, tmp_path):
-    proc = _start_and_wait_for_checkpoint(_cmd(world, tmp_path), tmp_path, 2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    saved = _complete_steps(tmp_path)[-1]
-    assert saved == max(_losses(tmp_path)), "the SIGTERM save is not at the last finished step"
-    if saved < STEPS:
-        assert "SIGTERM" in out
+    cmd = _cmd(world, tmp_path)
+    assert cmd[1:3] == ["-m", "irg_jax.train"]
+    proc = _run([sys.executable, "-c", _SIGTERM_LAUNCHER, *cmd[3:]])
+    assert "SIGTERM received" in proc.stderr
+    assert _complete_steps(tmp_path) == [2, SIGTERM_AT], "the SIGTERM save is not at the step it arrived"
+    assert max(_losses(tmp_path)) == SIGTERM_AT
+    assert not (tmp_path / "export").exists(), "a SIGTERM stop must not export"
     restart = _run(_cmd(world, tmp_path))
-    if saved < STEPS:
-        assert f"resuming from step {saved}" in restart.stderr
+    assert f"resuming from step {SIGTERM_AT}" in restart.stderr
     ref, got = _losses(reference_run), _losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
     assert all(got[s] == ref[s] for s in range(1, STEPS + 1))
 
 
@@ -194,13 +209,117 @@ def _restore_params(config, workdir, step):
 
 
 def test_nonfinite_guard_skips_updates_and_stops(world, tmp_path):
+    """A huge learning rate: the first update overflows the params while loss and gradient are
+    finite. The guard skips it, the stop names the step, and the checkpoint it names as the last
+    good state has finite parameters."""
     from irg_jax.train import loop
     c = _tiny_config(world, data=1, fsdp=8, tensor=1)
-    c.total_steps, c.checkpoint_every = 6, 100
-    c.optim.lr, c.optim.clip_norm, c.optim.warmup_steps = 1e38, 0.0, 0  # step 1 overflows the params
+    c.total_steps, c.checkpoint_every = 6, 1
+    c.optim.lr, c.optim.weight_decay, c.optim.clip_norm, c.optim.warmup_steps = 3e38, 1.0, 0.0, 0
     c.nan_guard.max_consecutive = 2
-    with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite steps at step 3"):
+    with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite steps at step 2") as err:
         loop.train(c, str(tmp_path))
+    assert "steps 1-2 skipped" in str(err.value) and "latest checkpoint, step 1 in" in str(err.value)
+    assert _complete_steps(tmp_path) == [1]
+    params = _restore_params(c, tmp_path, 1)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params)), "the 'last good' checkpoint is not finite"
+
+
+def test_failed_async_save_stops_the_run_at_once_and_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
+    """The second asynchronous save (step 8) fails in Orbax's background thread with "No space left
+    on device": the run stops with that error before its next save (step 12; without the poll the
+    error would surface there), the partial folder is gone and checkpoint 4 still restores."""
+    import errno
+    import threading
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+    from irg_jax.train import checkpointing, loop, metrics
+
+    real_commit, calls, failed = async_checkpointer._background_wait_for_commit_futures, [], threading.Event()
+
+    def commit(directory, commit_futures, *args, **kwargs):  # runs in Orbax's background save thread
+        calls.append(directory)
+        if len(calls) == 2:
+            for f in commit_futures:  # the writes end, then the commit fails
+                f.result()
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_commit(directory, commit_futures, *args, **kwargs)
+
+    real_log = metrics.ProgressLine.log
+
+    def log(self, step, scalars):  # hold step 9 until the save has failed
+        if step == 9:
+            assert failed.wait(120), "the save at step 8 never ran"
+        return real_log(self, step, scalars)
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", commit)
+    monkeypatch.setattr(metrics.ProgressLine, "log", log)
+    c = _tiny_config(world, data=1, fsdp=8, tensor=1)
+    c.total_steps, c.checkpoint_every, c.checkpoint.keep, c.checkpoint.async_save = 16, 4, 1, True
+    with pytest.raises(checkpointing.CheckpointSaveError) as err:
+        loop.train(c, str(tmp_path))
+    message = str(err.value)
+    assert "checkpoint save at step 8 failed" in message and "No space left on device" in message, message
+    assert "step 4 in" in message and "intact" in message, message
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
+    assert max(_losses(tmp_path)) < 12, f"the run went on to step {max(_losses(tmp_path))} after the failed save"
+    assert _complete_steps(tmp_path) == [4]  # keep=1: step 4 would have been removed had 8 committed
+    assert not list((tmp_path / "checkpoints").glob("8.*")), "the failed save's partial folder is left"
+    monkeypatch.undo()
+    params = _restore_params(c, tmp_path, 4)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+
+
+def test_resume_refuses_changed_config_and_keeps_allowed_changes_beside(world, tmp_path):
+    """Resume with another batch size: refused, naming batch_size, config.json untouched. A run
+    whose data fails to load does not touch config.json. Resume with a longer run (an allowed
+    key): proceeds and keeps both config files."""
+    from irg_jax.config.resume import ResumeConfigError
+    from irg_jax.train import loop
+    first = _tiny_config(world, data=1, fsdp=8, tensor=1)
+    loop.train(first, str(tmp_path))
+    original = (tmp_path / "config.json").read_bytes()
+    assert json.loads(original)["total_steps"] == 1
+
+    changed = _tiny_config(world, data=1, fsdp=8, tensor=1)
+    changed.batch_size, changed.total_steps = 16, 2
+    with pytest.raises(ResumeConfigError, match=r"config\.batch_size: 8 -> 16") as err:
+        loop.train(changed, str(tmp_path))
+    assert err.value.keys == ["batch_size"]  # total_steps may change
+
+    bad_data = _tiny_config(world, data=1, fsdp=8, tensor=1)
+    bad_data.total_steps = 2
+    group = sorted(bad_data.data.groups.keys())[0]
+    bad_data.data.groups[group].paths = (str(tmp_path / "no_such_data"),)
+    with pytest.raises(FileNotFoundError, match="no_such_data"):
+        loop.train(bad_data, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("config*.json")) == ["config.json"]
+    assert (tmp_path / "config.json").read_bytes() == original
+
+    longer = _tiny_config(world, data=1, fsdp=8, tensor=1)
+    longer.total_steps, longer.log_every = 2, 2
+    loop.train(longer, str(tmp_path))
+    assert sorted(_losses(tmp_path)) == [1, 2]
+    assert (tmp_path / "config.json").read_bytes() == original
+    assert sorted(p.name for p in tmp_path.glob("config*.json")) == ["config.json", "config.step1.json"]
+    assert json.loads((tmp_path / "config.step1.json").read_text())["total_steps"] == 2
+
+
+def test_record_never_overwrites_and_skips_an_unchanged_config(tmp_path):
+    from irg_jax.config.resume import changes, record
+    from irg_jax.config.schema import base_config
+    c = base_config()
+    assert record(c, tmp_path, 0).name == "config.json"
+    assert record(c, tmp_path, 5) is None  # same as the newest file
+    c.total_steps = 7
+    assert record(c, tmp_path, 5).name == "config.step5.json"
+    c.total_steps = 9
+    assert record(c, tmp_path, 5).name == "config.step5.1.json"
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 1000
+    old, new = base_config().to_dict(), base_config()
+    new.optim.lr, new.log_every = 1.0, 3
+    refused, allowed, schema = changes(old, new.to_dict())
+    assert [k for k, _, _ in refused] == ["optim.lr"] and [k for k, _, _ in allowed] == ["log_every"] and not schema
 
 
 def _toy_step(config, params):
@@ -242,6 +361,44 @@ def test_nonfinite_step_leaves_the_state_untouched():
         np.testing.assert_array_equal(a, b)
     again, _ = step(bad, _toy_batch())
     assert int(again.nonfinite_streak) == 0 and int(again.nonfinite_total) == 1
+
+
+def test_nonfinite_update_with_finite_loss_and_gradient_is_skipped():
+    """A huge learning rate: loss and gradient are finite, the update overflows the params to
+    -inf. The guard must see it and keep the old state (nothing non-finite is ever kept)."""
+    from irg_jax.config.schema import base_config
+    c = base_config()
+    c.optim.lr, c.optim.weight_decay = 3e38, 1.0  # -lr * (m/sqrt(v) + wd * p) = -6e38 for p = 1
+    params = {"decoder": {"w": jnp.ones((3, 3))}, "vit": {"w": jnp.ones((3, 3))}}
+    state, step = _toy_step(c, params)
+    new, m = step(state, _toy_batch())
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"])
+    assert int(new.step) == 0 and int(new.nonfinite_streak) == 1 and int(new.nonfinite_total) == 1
+    for a, b in zip(jax.tree.leaves((state.params, state.ema, state.opt_state)),
+                    jax.tree.leaves((new.params, new.ema, new.opt_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_injected_nan_update_is_skipped():
+    """An optimiser that returns NaN updates (loss and gradient finite): the step is skipped."""
+    import optax
+    from irg_jax.config.schema import base_config
+    from irg_jax.train import state as state_lib
+    from irg_jax.train.step import make_train_step
+    c = base_config()
+    params = {"decoder": {"w": jnp.ones((3, 3))}, "vit": {"w": jnp.ones((3, 3))}}
+    nan_tx = optax.GradientTransformation(
+        lambda p: optax.EmptyState(), lambda g, s, p=None: (jax.tree.map(lambda x: x * jnp.nan, g), s))
+    forward = lambda p, b, k: {"ce_logits": b["x"] @ p["decoder"]["w"], "velocity": b["x"] @ p["vit"]["w"],
+                               "target": b["y"]}
+    no_freeze = lambda step: jax.tree.map(lambda _: jnp.zeros((), bool), params)
+    step = jax.jit(make_train_step(forward, nan_tx, optax.constant_schedule(1.0), c, no_freeze))
+    state = state_lib.create(params, nan_tx, jax.random.key(0), True)
+    new, m = step(state, _toy_batch())
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"])) and not bool(m["finite"])
+    np.testing.assert_array_equal(new.params["decoder"]["w"], params["decoder"]["w"])
+    np.testing.assert_array_equal(new.ema["vit"]["w"], params["vit"]["w"])
 
 
 def test_static_freezing_keeps_no_optimizer_state_and_no_update():

@@ -2,8 +2,10 @@
 
 The config file's ``get_config(arg)`` builds the config; ``--config.a.b=v`` overrides any
 key (unknown keys are rejected). The resolved config is validated before any device work
-and written to ``DIR/config.json``. Re-running the same command resumes from the latest
-complete checkpoint in DIR.
+and written to ``DIR/config.json`` once the start-up checks (model, tokenizer, data, resume)
+have passed. Re-running the same command resumes from the latest complete checkpoint in DIR;
+a changed config is refused unless only keys in ``irg_jax.config.resume.ALLOWED_ON_RESUME``
+changed, and is then kept beside the old one as ``DIR/config.step<N>.json``.
 
 Several processes (hosts) train one model when the environment says so (``irg_jax.runtime``):
 ``IRG_COORDINATOR_ADDRESS=host:port IRG_NUM_PROCESSES=N IRG_PROCESS_ID=i`` on every process,
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,7 +32,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from irg_jax import runtime
-    from irg_jax.config import ConfigError, validate, write_resolved
+    from irg_jax.config import ConfigError, validate
+    from irg_jax.config.resume import ResumeConfigError
 
     runtime.maybe_initialize_distributed()
     runtime.quiet_library_logs()
@@ -39,12 +42,12 @@ def main(argv: list[str]) -> None:
         validate(config)
     except ConfigError as e:
         raise app.UsageError(str(e)) from None
-    if runtime.is_primary():
-        path = write_resolved(config, _WORKDIR.value)
-        logging.info("resolved config written to %s", path)
 
     from irg_jax.train import loop
-    loop.train(config, _WORKDIR.value)
+    try:
+        loop.train(config, _WORKDIR.value)
+    except ResumeConfigError as e:
+        raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ Multi-process (``jax.distributed``, see ``irg_jax.runtime``): every process runs
 over the same global arrays and takes part in every step, checkpoint save and restore, sample
 grid and the export; process 0 alone writes metrics, TensorBoard and PNG files. Host-side
 decisions that could differ between processes are agreed on collectively: the resume step,
-and whether a SIGTERM arrived (checked on every process at each log and checkpoint step).
+whether a SIGTERM arrived and whether an asynchronous checkpoint save failed (both checked on
+every process at each log and checkpoint step).
+
+Start-up checks come first (config vs. the resumed checkpoint's, model, tokenizer, data,
+restore); only then is the resolved config written to the workdir (``irg_jax.config.resume``).
+A failed checkpoint save stops the run at the step where it is found (``checkpointing``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from irg_jax import runtime
+from irg_jax.config import resume as resume_lib
 from irg_jax.model.bagel import training_flops
 from irg_jax.parallel.mesh import build_mesh
 from irg_jax.parallel.sharding import activation_rules, replicated_share
@@ -63,7 +69,10 @@ class _Sigterm:
 
 
 class _NonFiniteGuard:
-    """Logs skipped (non-finite) updates; raises after ``max_consecutive`` in a row."""
+    """Logs skipped (non-finite) updates; raises after ``max_consecutive`` in a row.
+
+    The step skips an update whose loss, gradient norm or new parameters are not finite, so the
+    state (and every checkpoint) stays the last good one."""
 
     def __init__(self, max_consecutive: int, ckpt: checkpointing.Checkpointer):
         self.max_consecutive, self.ckpt = max_consecutive, ckpt
@@ -72,12 +81,16 @@ class _NonFiniteGuard:
         streak = int(metrics["nonfinite_streak"])
         if not streak:
             return
-        logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, streak)
+        logging.warning("step %d: non-finite loss, gradient or update; update skipped (%d in a row)", step, streak)
         if streak >= self.max_consecutive:
             self.ckpt.wait()
+            latest = self.ckpt.manager.latest_step()
+            where = (f"the latest checkpoint, step {latest} in {self.ckpt.directory}, holds the last good state"
+                     if latest is not None else f"no checkpoint was saved yet in {self.ckpt.directory}")
+            first = step - streak + 1
             raise NonFiniteError(
-                f"{streak} consecutive non-finite steps at step {step}; the last good state is the "
-                f"latest checkpoint in {self.ckpt.directory}")
+                f"{streak} consecutive non-finite steps at step {step} (steps {first}-{step} skipped; the "
+                f"parameters are those after step {first - 1}); {where}")
 
 
 def step_flops(config: ml_collections.ConfigDict, budgets) -> float:
@@ -122,6 +135,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpointing.Checkpointer(workdir, config)
     start = ckpt.latest_step()
     if start is not None:
+        for note in resume_lib.check_resume(ckpt.saved_config(start), config, start, workdir):
+            logging.warning("%s", note)
         logging.info("resuming from step %d in %s", start, ckpt.directory)
         state = ckpt.restore(start, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
                              data_iter)
@@ -138,6 +153,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         make_train_step(forward, tx, schedule, config, step_frozen_fn(bundle.abstract_params, config.freeze)),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
         donate_argnums=0), "train_step")
+    if primary:  # the start-up checks passed: record the config this run trains with
+        written = resume_lib.record(config, workdir, start)
+        logging.info("resolved config written to %s" if written else "resolved config unchanged (%s)",
+                     written or workdir)
 
     # Only process 0 reports MFU; on CPU the peak is a timed matmul, which the others can skip.
     peak, peak_source = mfu_lib.peak_flops_per_device() if primary else (float("nan"), "not measured here")
@@ -185,6 +204,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     samples(done, state.ema or state.params)
                 save_step = done % config.checkpoint_every == 0 or done == config.total_steps
                 stopped = sigterm.stop(sync_point=save_step or done % config.log_every == 0)
+                # A failed asynchronous save stops the run here (a flag read while one runs).
+                ckpt.poll(sync_point=save_step or done % config.log_every == 0)
                 if save_step or stopped:
                     if pending:  # never checkpoint past an unchecked step
                         guard.check(*pending)

@@ -1,4 +1,7 @@
-"""The jitted train step: loss, gradients (with accumulation), guarded update, EMA."""
+"""The jitted train step: loss, gradients (with accumulation), guarded update, EMA.
+
+The guard skips the whole update (params, EMA, optimiser state) when the loss, the gradient
+norm or any new parameter is not finite, and counts the skipped steps in the state."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -76,6 +79,9 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, schedu
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         updates = jax.tree.map(lambda u, f: jnp.where(f, jnp.zeros_like(u), u), updates, frozen)
         new_params = optax.apply_updates(state.params, updates)
+        # A finite loss and gradient can still give a non-finite update (e.g. a huge learning
+        # rate): check the parameters about to be applied too (one reduction per leaf).
+        finite = finite & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
         if state.ema:
             decay = ema_decay_at(state.step, ema_decay, ema_warmup)
             new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new_params)
