@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from irg_jax.convert.errors import ConvertError
 from irg_jax.model import bagel_keys, vit_keys
 from irg_jax.model.bagel import Bagel
 from irg_jax.model.config import latent_token_dim
@@ -120,7 +121,7 @@ def build_plan(model_cfg) -> Plan:
     return Plan(tuple(moves), params, axes)
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(ConvertError):
     """A BAGEL source that does not fit the model config; the message lists every problem."""
 
     def __init__(self, origin: str, *, config=(), missing=(), unused=(), shapes=()):

@@ -22,6 +22,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from irg_jax.convert.errors import ConvertError
+
 _CODES = {
     np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
     np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
@@ -53,7 +55,10 @@ class SafetensorsSource:
         self._file = None
 
     def __enter__(self) -> "SafetensorsSource":
-        self._file = safe_open(str(self.path), framework="numpy")
+        try:
+            self._file = safe_open(str(self.path), framework="numpy")
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            raise ConvertError(f"{self.path}: not a readable safetensors file ({e})") from None
         self._keys = list(self._file.keys())
         self._info = {}
         for key in self._keys:

@@ -2,7 +2,9 @@
 
 Writes DST:
   ema.safetensors     every parameter under its BAGEL key (PyTorch layouts, chosen dtype),
-                      plus the two sin-cos tables, as the official FSDP save writes them
+                      plus the two sin-cos tables, as the official FSDP save writes them;
+                      with ``max_shard_bytes``: ema-0000i-of-0000n.safetensors shards and
+                      ema.safetensors.index.json ({"metadata": {"total_size"}, "weight_map"})
   llm_config.json     Qwen2 config (sizes from model_config.json; other fields from the
                       converted source's json when the checkpoint has ``bagel_configs/``)
   vit_config.json     SigLIP config; num_hidden_layers = layers + 1 (the official loaders
@@ -28,13 +30,16 @@ from tqdm import tqdm
 
 from irg_jax.convert import plan as plan_lib
 from irg_jax.convert.autoencoder_file import AE_FILE
+from irg_jax.convert.errors import ConvertError
 from irg_jax.convert.safetensors_stream import write_streamed
+from irg_jax.convert.shards import stale_weight_files, write_sharded
 from irg_jax.convert.to_orbax import DTYPES, SOURCE_CONFIG_DIR
 from irg_jax.model.config import latent_token_dim
 from irg_jax.model.embeddings import sincos_2d_table
 from irg_jax.train import export
 
 WEIGHTS_OUT = "ema.safetensors"
+WEIGHTS_STEM = "ema"  # shards: ema-0000i-of-0000n.safetensors + ema.safetensors.index.json
 
 
 def _base(ckpt: pathlib.Path, name: str) -> dict:
@@ -54,7 +59,7 @@ def llm_config_json(model_cfg, base: dict, dtype: str) -> dict:
     """Qwen2 ``llm_config.json`` as ``Qwen2Config.from_json_file`` reads it."""
     llm, ids = model_cfg.llm, model_cfg.special_ids
     if llm.head_dim * llm.num_heads != llm.hidden_size:
-        raise ValueError(f"head_dim {llm.head_dim} * num_heads {llm.num_heads} != hidden_size {llm.hidden_size}: "
+        raise ConvertError(f"head_dim {llm.head_dim} * num_heads {llm.num_heads} != hidden_size {llm.hidden_size}: "
                          f"the PyTorch Qwen2 attention cannot represent this model")
     out = _with_defaults(base, {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
                                 "max_position_embeddings": 32768, "rope_scaling": None, "use_sliding_window": False,
@@ -122,15 +127,39 @@ def restore_on_host(ckpt: pathlib.Path, plan: plan_lib.Plan, stored_dtype) -> di
     return out
 
 
-def orbax_to_bagel(ckpt_dir, dst_dir, *, dtype: str = "float32", include_tables: bool = True,
-                   progress: bool = True) -> pathlib.Path:
-    """Export a params checkpoint (``bagel-to-orbax`` output or a training export) as a BAGEL folder."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    ckpt, dst = pathlib.Path(ckpt_dir), pathlib.Path(dst_dir)
-    model_cfg = export.load_model_config(ckpt)
+def representable(model_cfg, origin) -> None:
+    """ConvertError (one line) for the first model value the official PyTorch BAGEL cannot express."""
+    where = f"{origin}/model_config.json"
     if not model_cfg.vit.enabled:
-        raise ValueError(f"{ckpt}: model.vit.enabled is False; the official BAGEL code always builds the ViT")
+        raise ConvertError(f"{where}: vit.enabled is False; the official BAGEL code always builds the ViT")
+    if not model_cfg.llm.get("qk_norm", True):
+        raise ConvertError(f"{where}: llm.qk_norm is False; the official Qwen2-MoT layers always have q/k norms")
+    if model_cfg.get("connector_act", "gelu_tanh") != "gelu_tanh":
+        raise ConvertError(f"{where}: connector_act {model_cfg.connector_act!r}; the official connector is "
+                           f"gelu_pytorch_tanh")
+    scale = float(model_cfg.latent.get("time_scale", 1.0))
+    if scale != 1.0:
+        raise ConvertError(f"{where}: latent.time_scale {scale:g}; the official time embedder reads t unscaled "
+                           f"(time_scale 1), so this model's time features cannot be expressed")
+
+
+def orbax_to_bagel(ckpt_dir, dst_dir, *, dtype: str = "float32", include_tables: bool = True,
+                   max_shard_bytes: int | None = None, progress: bool = True) -> pathlib.Path:
+    """Export a params checkpoint (``bagel-to-orbax`` output or a training export) as a BAGEL folder.
+
+    ``max_shard_bytes``: split the state dict into shards of at most that many tensor bytes
+    with an index json (see the module docstring); None: one ``ema.safetensors``.
+    """
+    if dtype not in DTYPES:
+        raise ConvertError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ConvertError(f"the maximum shard size must be positive, got {max_shard_bytes} bytes")
+    ckpt, dst = pathlib.Path(ckpt_dir), pathlib.Path(dst_dir)
+    try:
+        model_cfg = export.load_model_config(ckpt)
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{ckpt / 'model_config.json'}: not valid JSON ({e})") from None
+    representable(model_cfg, ckpt)
     if model_cfg.autoencoder.kind != "flux":
         logging.warning("%s: autoencoder kind %r; the official BAGEL code only runs the FLUX autoencoder, so "
                         "vae2llm/llm2vae (%d values per latent token) will not fit it", ckpt,
@@ -138,7 +167,10 @@ def orbax_to_bagel(ckpt_dir, dst_dir, *, dtype: str = "float32", include_tables:
     plan = plan_lib.build_plan(model_cfg)
     info_path = ckpt / "export.json"
     stored = json.loads(info_path.read_text()).get("dtype", "float32") if info_path.is_file() else "float32"
-    params = restore_on_host(ckpt, plan, jnp.dtype(stored))
+    try:
+        params = restore_on_host(ckpt, plan, jnp.dtype(stored))
+    except ValueError as e:  # the stored tree does not fit model_config.json (names each key)
+        raise ConvertError(str(e)) from None
 
     out_dtype = np.dtype(jnp.dtype(dtype))
     by_source = {m.source: m for m in plan.moves}
@@ -162,7 +194,15 @@ def orbax_to_bagel(ckpt_dir, dst_dir, *, dtype: str = "float32", include_tables:
     dst.mkdir(parents=True, exist_ok=True)
     total = sum(int(np.prod(shape)) * out_dtype.itemsize for _, shape, _ in entries)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"params -> {WEIGHTS_OUT}", disable=not progress) as bar:
-        write_streamed(dst / WEIGHTS_OUT, entries, produce, metadata={"format": "pt"}, on_written=bar.update)
+        if max_shard_bytes is None:
+            for old in stale_weight_files(dst, WEIGHTS_STEM):  # an earlier sharded export: a stale second copy
+                old.unlink()
+            weights = write_streamed(dst / WEIGHTS_OUT, entries, produce, metadata={"format": "pt"},
+                                     on_written=bar.update)
+        else:
+            (dst / WEIGHTS_OUT).unlink(missing_ok=True)  # loaders would prefer a stale single file
+            weights = write_sharded(dst, entries, produce, int(max_shard_bytes), stem=WEIGHTS_STEM,
+                                    metadata={"format": "pt"}, on_written=bar.update)
     del params
 
     files = {"llm_config.json": llm_config_json(model_cfg, _base(ckpt, "llm_config.json"), dtype),
@@ -181,5 +221,5 @@ def orbax_to_bagel(ckpt_dir, dst_dir, *, dtype: str = "float32", include_tables:
         for f in tokenizer.iterdir():
             if f.is_file():
                 shutil.copyfile(f, dst / f.name)
-    logging.info("exported %s (%d tensors, %s) to %s", ckpt, len(entries), dtype, dst / WEIGHTS_OUT)
+    logging.info("exported %s (%d tensors, %s) to %s", ckpt, len(entries), dtype, weights)
     return dst

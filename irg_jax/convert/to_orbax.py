@@ -1,7 +1,9 @@
 """BAGEL / IRG PyTorch checkpoint folder -> irg_jax params checkpoint (``bagel-to-orbax``).
 
 Reads from SRC:
-  ema.safetensors | model.safetensors | ema_bf16.safetensors   the Bagel state dict (first found)
+  ema.safetensors | model.safetensors | ema_bf16.safetensors   the Bagel state dict (first found;
+                                                               each also as STEM.safetensors.index.json
+                                                               + STEM-0000i-of-0000n.safetensors shards)
   llm_config.json, vit_config.json [, ae_config.json, bagel_config.json]   the model config
   ae.safetensors                                               FLUX autoencoder (copied as-is)
   tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, ...)
@@ -34,13 +36,17 @@ from tqdm import tqdm
 
 from irg_jax.convert import plan as plan_lib
 from irg_jax.convert.autoencoder_file import AE_FILE
+from irg_jax.convert.errors import ConvertError
 from irg_jax.convert.safetensors_stream import SafetensorsSource
+from irg_jax.convert.shards import ShardedSource, index_name, open_weights
 from irg_jax.model import ae_keys
 from irg_jax.model import config as config_lib
 from irg_jax.model.embeddings import sincos_2d_table
 from irg_jax.parallel import sharding as sharding_lib
 
-WEIGHT_FILES = ("ema.safetensors", "model.safetensors", "ema_bf16.safetensors")
+WEIGHT_STEMS = ("ema", "model", "ema_bf16")
+# In order of preference: each state dict as one file, then as shards with an index json.
+WEIGHT_FILES = tuple(n for stem in WEIGHT_STEMS for n in (f"{stem}.safetensors", index_name(stem)))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.json.gz", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 CONFIG_FILES = ("llm_config.json", "vit_config.json", "ae_config.json", "bagel_config.json", "config.json")
@@ -49,14 +55,17 @@ DTYPES = ("float32", "bfloat16")
 
 
 def find_weights(src: pathlib.Path) -> pathlib.Path:
-    """The Bagel state dict of a checkpoint folder: the first of :data:`WEIGHT_FILES` present."""
+    """The Bagel state dict of a checkpoint folder: the first of :data:`WEIGHT_FILES` present
+    (a ``.safetensors`` file, or the index json of a sharded one)."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such checkpoint folder")
     for name in WEIGHT_FILES:
         if (src / name).is_file():
             return src / name
     raise FileNotFoundError(f"{src}: no BAGEL weights file; expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def table_warnings(source: SafetensorsSource, model_cfg) -> list[str]:
+def table_warnings(source: SafetensorsSource | ShardedSource, model_cfg) -> list[str]:
     """Compare the stored sin-cos tables (if any) with the ones rebuilt from the config."""
     d = model_cfg.llm.hidden_size
     sides = {"latent_pos_embed.pos_embed": ("max_latent_size (bagel_config.json)", model_cfg.latent.max_latent_size)}
@@ -83,7 +92,11 @@ def tokenizer_problems(src: pathlib.Path, model_cfg) -> list[str]:
     if not any((src / n).is_file() for n in ("tokenizer.json", "tokenizer.json.gz")):
         return []
     from irg_jax.data.tokenizer import HFTokenizer
-    tok = HFTokenizer.from_dir(str(src))
+    try:
+        tok = HFTokenizer.from_dir(str(src))
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise ConvertError(f"{src}: the tokenizer files cannot be loaded ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     ids = model_cfg.special_ids
     problems = [f"{tok.source}: {name} id is {got}, the model config says {want} (bagel_config.json "
                 f"special_token_ids, Qwen2.5 ids by default)"
@@ -104,7 +117,7 @@ def param_shardings(plan: plan_lib.Plan, mesh: jax.sharding.Mesh, rules) -> dict
         for p, s in plan.params.items()}
 
 
-def stream_params(source: SafetensorsSource, plan: plan_lib.Plan, dtype, *,
+def stream_params(source: SafetensorsSource | ShardedSource, plan: plan_lib.Plan, dtype, *,
                   shardings: Mapping[tuple, jax.sharding.Sharding] | None = None, progress: bool = True) -> dict:
     """Read, convert and place every parameter, one source tensor at a time -> params pure dict.
 
@@ -131,7 +144,8 @@ def stream_params(source: SafetensorsSource, plan: plan_lib.Plan, dtype, *,
     return plan.nested(leaves)
 
 
-def _read_converted(source: SafetensorsSource, move: plan_lib.Move, dtype: np.dtype) -> np.ndarray:
+def _read_converted(source: SafetensorsSource | ShardedSource, move: plan_lib.Move,
+                    dtype: np.dtype) -> np.ndarray:
     value = move.rule.to_ours(source.read(move.source))
     if tuple(value.shape) != move.param_shape:  # validate() ran on the header; this guards the data
         raise plan_lib.CheckpointMismatch(str(source.path), shapes=[
@@ -180,10 +194,10 @@ def bagel_to_orbax(src_dir, dst_dir, *, dtype: str = "float32", scan_layers: boo
     Raises :class:`irg_jax.convert.plan.CheckpointMismatch` listing every problem.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise ConvertError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     src, dst = pathlib.Path(src_dir), pathlib.Path(dst_dir)
     weights = find_weights(src)
-    model_cfg = config_lib.from_bagel_dir(src)
+    model_cfg = config_lib.from_bagel_dir(src)  # BagelConfigError: one line naming the file and key
     model_cfg.scan_layers = bool(scan_layers)
     plan = plan_lib.build_plan(model_cfg)
 
@@ -199,12 +213,16 @@ def bagel_to_orbax(src_dir, dst_dir, *, dtype: str = "float32", scan_layers: boo
         raise plan_lib.CheckpointMismatch(str(src), config=problems)
     ae_path = src / AE_FILE
     if ae_path.is_file():
-        ae_keys.load_autoencoder(ae_path, model_cfg.autoencoder)  # validates keys and shapes, then dropped
+        try:  # validates keys and shapes, then dropped
+            ae_keys.load_autoencoder(ae_path, model_cfg.autoencoder)
+        except ValueError as e:
+            raise plan_lib.CheckpointMismatch(str(ae_path), config=[
+                f"{e} (ae_config.json gives the FLUX sizes)"]) from None
     else:
         logging.warning("%s: no %s; DST will have no autoencoder weights (copy them in before generating)",
                         src, AE_FILE)
 
-    with SafetensorsSource(weights) as source:
+    with open_weights(weights) as source:
         plan_lib.validate(source.shapes(), plan, model_cfg, str(weights))
         for message in table_warnings(source, model_cfg):
             logging.warning("%s", message)

@@ -112,13 +112,23 @@ def bagel_7b_mot() -> ml_collections.ConfigDict:
     return c
 
 
+class BagelConfigError(ValueError):
+    """A BAGEL config json that cannot describe a model here; the message is one line naming the file."""
+
+
 def _read_json(folder: pathlib.Path, name: str, required: bool) -> dict | None:
     f = folder / name
     if not f.exists():
         if required:
             raise FileNotFoundError(f"{f}: required BAGEL config file is missing")
         return None
-    return json.loads(f.read_text())
+    try:
+        out = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BagelConfigError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise BagelConfigError(f"{f}: expected a JSON object, got {type(out).__name__}")
+    return out
 
 
 def from_bagel_dir(path: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -129,6 +139,11 @@ def from_bagel_dir(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     sizes, ``max_latent_size`` 64 and the Qwen2.5 special ids are the defaults).
     The ViT json lists one layer more than the checkpoint holds (every official loader
     drops the last one), so ``vit.num_layers = num_hidden_layers - 1``.
+
+    A value the model here cannot represent (tied embeddings, rope scaling, another
+    activation, a ViT table side that contradicts the ViT json, ...) or a missing or
+    mistyped key raises :class:`BagelConfigError` (one line, naming the file and key);
+    a missing required file raises FileNotFoundError.
     """
     folder = pathlib.Path(path)
     llm = _read_json(folder, "llm_config.json", True)
@@ -136,56 +151,195 @@ def from_bagel_dir(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     ae = _read_json(folder, "ae_config.json", False) or {}
     bagel = _read_json(folder, "bagel_config.json", False) or {}
 
-    def need(d: dict, key: str, file: str):
-        if key not in d:
-            raise KeyError(f"{folder / file}: missing key {key!r}")
-        return d[key]
+    def where(file: str, key: str) -> str:
+        return f"{folder / file}: {key}"
 
-    heads = need(llm, "num_attention_heads", "llm_config.json")
-    hidden = need(llm, "hidden_size", "llm_config.json")
+    def need(d: dict, key: str, file: str, kind=int, default=None):
+        if key not in d or d[key] is None:
+            if default is not None:
+                return default
+            raise BagelConfigError(f"{where(file, key)} is missing")
+        value = d[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise BagelConfigError(f"{where(file, key)} must be a positive integer, got {value!r}")
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise BagelConfigError(f"{where(file, key)} must be a positive number, got {value!r}")
+            value = float(value)
+        return value
+
+    def refuse(file: str, key: str, value, why: str):
+        raise BagelConfigError(f"{where(file, key)} = {value!r} is not supported ({why})")
+
+    L, V, B = "llm_config.json", "vit_config.json", "bagel_config.json"
+    heads = need(llm, "num_attention_heads", L)
+    hidden = need(llm, "hidden_size", L)
     llm_cfg = dict(
-        hidden_size=hidden, num_layers=need(llm, "num_hidden_layers", "llm_config.json"), num_heads=heads,
-        num_kv_heads=llm.get("num_key_value_heads", heads), head_dim=llm.get("head_dim") or hidden // heads,
-        intermediate_size=need(llm, "intermediate_size", "llm_config.json"),
-        vocab_size=need(llm, "vocab_size", "llm_config.json"), rope_theta=float(llm.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)), qk_norm=True)
+        hidden_size=hidden, num_layers=need(llm, "num_hidden_layers", L), num_heads=heads,
+        num_kv_heads=need(llm, "num_key_value_heads", L, default=heads),
+        head_dim=need(llm, "head_dim", L, default=hidden // heads),
+        intermediate_size=need(llm, "intermediate_size", L), vocab_size=need(llm, "vocab_size", L),
+        rope_theta=need(llm, "rope_theta", L, float, 10000.0), rms_norm_eps=need(llm, "rms_norm_eps", L, float, 1e-6),
+        qk_norm=True)
     if llm.get("rope_scaling"):
-        raise ValueError(f"{folder / 'llm_config.json'}: rope_scaling {llm['rope_scaling']} is not supported")
+        refuse(L, "rope_scaling", llm["rope_scaling"], "positions here use plain RoPE")
     if llm.get("tie_word_embeddings", False):
-        raise ValueError(f"{folder / 'llm_config.json'}: tied embeddings are not supported (BAGEL unties them)")
+        refuse(L, "tie_word_embeddings", llm["tie_word_embeddings"], "BAGEL keeps lm_head separate from the embedding")
+    if llm.get("hidden_act", "silu") != "silu":
+        refuse(L, "hidden_act", llm["hidden_act"], "the decoder MLP is SwiGLU with silu")
+    if llm.get("use_sliding_window", False):
+        refuse(L, "use_sliding_window", llm["use_sliding_window"], "attention here is never windowed")
+    if "hidden_size" in llm and "head_dim" not in llm and hidden % heads:
+        raise BagelConfigError(f"{where(L, 'hidden_size')} {hidden} is not a multiple of num_attention_heads "
+                               f"{heads} (and no head_dim is given)")
+    if llm_cfg["num_heads"] % llm_cfg["num_kv_heads"]:
+        raise BagelConfigError(f"{where(L, 'num_attention_heads')} {heads} is not a multiple of "
+                               f"num_key_value_heads {llm_cfg['num_kv_heads']}")
 
-    patch = need(vit, "patch_size", "vit_config.json")
-    table_side = need(vit, "image_size", "vit_config.json") // patch
-    side = bagel.get("vit_max_num_patch_per_side", table_side)
+    patch = need(vit, "patch_size", V)
+    image_size = need(vit, "image_size", V)
+    if image_size % patch:
+        raise BagelConfigError(f"{where(V, 'image_size')} {image_size} is not a multiple of patch_size {patch}")
+    table_side = image_size // patch
+    side = need(bagel, "vit_max_num_patch_per_side", B, default=table_side)
     if side != table_side:
-        raise ValueError(f"{folder}: vit_max_num_patch_per_side {side} differs from the ViT position table side "
-                         f"image_size/patch_size = {table_side}")
-    vit_cfg = dict(hidden_size=need(vit, "hidden_size", "vit_config.json"),
-                   intermediate_size=need(vit, "intermediate_size", "vit_config.json"),
-                   num_heads=need(vit, "num_attention_heads", "vit_config.json"),
-                   num_layers=need(vit, "num_hidden_layers", "vit_config.json") - 1,
+        raise BagelConfigError(f"{where(B, 'vit_max_num_patch_per_side')} = {side} differs from the ViT position "
+                               f"table side image_size/patch_size = {image_size}/{patch} = {table_side} "
+                               f"({folder / V})")
+    vit_layers = need(vit, "num_hidden_layers", V)
+    if vit_layers < 2:
+        raise BagelConfigError(f"{where(V, 'num_hidden_layers')} = {vit_layers}: the official loaders drop the last "
+                               f"layer, so at least 2 are needed")
+    if vit.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        refuse(V, "hidden_act", vit["hidden_act"], "the SigLIP MLP here is gelu with the tanh approximation")
+    if vit.get("num_channels", 3) != 3:
+        refuse(V, "num_channels", vit["num_channels"], "images are RGB")
+    vit_cfg = dict(hidden_size=need(vit, "hidden_size", V), intermediate_size=need(vit, "intermediate_size", V),
+                   num_heads=need(vit, "num_attention_heads", V), num_layers=vit_layers - 1,
                    patch_size=patch, max_patches_per_side=side,
-                   layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6)))
+                   layer_norm_eps=need(vit, "layer_norm_eps", V, float, 1e-6))
+    if vit_cfg["hidden_size"] % vit_cfg["num_heads"]:
+        raise BagelConfigError(f"{where(V, 'hidden_size')} {vit_cfg['hidden_size']} is not a multiple of "
+                               f"num_attention_heads {vit_cfg['num_heads']}")
     act = bagel.get("connector_act", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
-        raise ValueError(f"{folder / 'bagel_config.json'}: connector_act {act!r} is not supported")
+        refuse(B, "connector_act", act, "the connector here is gelu with the tanh approximation")
     if bagel.get("interpolate_pos", False):
-        raise ValueError(f"{folder / 'bagel_config.json'}: interpolate_pos=True is not supported")
+        refuse(B, "interpolate_pos", bagel["interpolate_pos"], "position tables are indexed, not interpolated")
+    for key in ("visual_gen", "visual_und"):
+        if not bagel.get(key, True):
+            refuse(B, key, bagel[key], "the model here always has both the generation and the ViT branch")
 
     ae_cfg = {"kind": "flux"}
-    for key in ("downsample", "z_channels", "scale_factor", "shift_factor", "ch", "ch_mult", "num_res_blocks",
-                "in_channels", "out_ch"):
+    for key in ("downsample", "z_channels", "ch", "num_res_blocks", "in_channels", "out_ch"):
         if key in ae:
-            ae_cfg[key] = ae[key]
+            ae_cfg[key] = need(ae, key, "ae_config.json")
+    for key in ("scale_factor", "shift_factor"):
+        if key in ae:
+            value = ae[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BagelConfigError(f"{where('ae_config.json', key)} must be a number, got {value!r}")
+            ae_cfg[key] = float(value)
+    if "ch_mult" in ae:
+        mult = ae["ch_mult"]
+        if not isinstance(mult, list) or not mult or not all(isinstance(m, int) and m > 0 for m in mult):
+            raise BagelConfigError(f"{where('ae_config.json', 'ch_mult')} must be a list of positive integers, "
+                                   f"got {mult!r}")
+        ae_cfg["ch_mult"] = mult
     ids = bagel.get("special_token_ids")
-    special = QWEN25_SPECIAL_IDS if ids is None else dict(
-        bos=ids["bos_token_id"], eos=ids["eos_token_id"], start_of_image=ids["start_of_image"],
-        end_of_image=ids["end_of_image"])
+    if ids is None:
+        special = QWEN25_SPECIAL_IDS
+    else:
+        if not isinstance(ids, dict):
+            raise BagelConfigError(f"{where(B, 'special_token_ids')} must be an object, got {ids!r}")
+        names = dict(bos="bos_token_id", eos="eos_token_id", start_of_image="start_of_image",
+                     end_of_image="end_of_image")
+        special = {}
+        for ours, theirs in names.items():
+            value = ids.get(theirs)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BagelConfigError(f"{where(B, 'special_token_ids.' + theirs)} must be a token id "
+                                       f"(integer >= 0), got {value!r}")
+            special[ours] = value
     return _model(
         llm=llm_cfg, vit=vit_cfg,
-        latent=dict(patch_size=bagel.get("latent_patch_size", 2), max_latent_size=bagel.get("max_latent_size", 64),
-                    timestep_shift=float(bagel.get("timestep_shift", 4.0))),
+        latent=dict(patch_size=need(bagel, "latent_patch_size", B, default=2),
+                    max_latent_size=need(bagel, "max_latent_size", B, default=64),
+                    timestep_shift=need(bagel, "timestep_shift", B, float, 4.0)),
         autoencoder=ae_cfg, special_ids=special)
+
+
+# ----------------------------------------------------------------------------- recorded model values
+# Keys of ``config.model`` that only choose how the model is computed (precision, memory,
+# kernels); every other key is a model value that a checkpoint's weights were trained with.
+EXECUTION_KEYS = ("dtype", "remat", "remat_policy", "mlp_chunk", "ce_chunk", "attention")
+# ``config.data`` keys that copy a model value (position ids and patch grids are built with them).
+DATA_COPIES = {"max_latent_size": "latent.max_latent_size", "vit_max_patches_per_side": "vit.max_patches_per_side",
+               "latent_patch_size": "latent.patch_size", "vit_patch_size": "vit.patch_size",
+               "vae_downsample": "autoencoder.downsample"}
+
+
+def _listed(value):
+    return [_listed(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _same(a, b) -> bool:
+    """Equal as model values: tuples and lists alike, 1e6 == 1000000, True != 1."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+def model_values(model_cfg) -> dict[str, object]:
+    """Every model value of ``model_cfg`` as {dotted key: value} (tuples as lists).
+
+    Left out: :data:`EXECUTION_KEYS`, the FLUX sizes of the identity autoencoder and the
+    ViT sizes of a model without a ViT (neither is used).
+    """
+    d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    out: dict[str, object] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                out[name] = _listed(value)
+
+    walk({k: v for k, v in d.items() if k not in EXECUTION_KEYS}, "")
+    if out.get("autoencoder.kind") == "identity":
+        out = {k: v for k, v in out.items() if not k.startswith("autoencoder.") or k.split(".")[1] in
+               ("kind", "downsample", "z_channels", "scale_factor", "shift_factor")}
+    if out.get("vit.enabled") is False:
+        out = {k: v for k, v in out.items() if not k.startswith("vit.") or k == "vit.enabled"}
+    return out
+
+
+def model_value_differences(recorded, wanted, data_cfg=None) -> tuple[list[str], list[str]]:
+    """(differences, unrecorded): the model values of ``wanted`` (the run's ``config.model``,
+    plus the copies in ``data_cfg``, see :data:`DATA_COPIES`) against ``recorded``.
+
+    Each difference reads ``"model.llm.rope_theta: checkpoint 10000.0, config 1000000.0"``;
+    ``unrecorded`` names values the recorded config does not hold (an older checkpoint).
+    """
+    rec, want = model_values(recorded), model_values(wanted)
+    diffs, unrecorded = [], []
+    for key in sorted(set(rec) | set(want)):
+        if key not in want:
+            continue  # a model value the running code no longer has
+        if key not in rec:
+            unrecorded.append(f"model.{key}")
+        elif not _same(rec[key], want[key]):
+            diffs.append(f"model.{key}: checkpoint {rec[key]!r}, config {want[key]!r}")
+    if data_cfg is not None:
+        for key, model_key in DATA_COPIES.items():
+            if key in data_cfg and model_key in rec and not _same(_listed(data_cfg[key]), rec[model_key]):
+                diffs.append(f"data.{key}: checkpoint model.{model_key} = {rec[model_key]!r}, "
+                             f"config {data_cfg[key]!r}")
+    return diffs, unrecorded
 
 
 def latent_token_dim(model_cfg) -> int:
