@@ -44,9 +44,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(e)) from None
 
     from irg_jax.train import loop
+    from irg_jax.train.init_from import InitFromMismatch
     try:
         loop.train(config, _WORKDIR.value)
-    except ResumeConfigError as e:
+    except (ResumeConfigError, InitFromMismatch) as e:
         raise app.UsageError(str(e)) from None
 
 

@@ -142,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              data_iter)
     else:
         start = 0
-        params = (init_from.load_params(config.checkpoint, bundle, mesh)
+        params = (init_from.load_params(config.checkpoint, bundle, mesh, data_cfg=config.data)
                   if config.checkpoint.init_from else init_params())
         create = lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled)
         with jax.set_mesh(mesh):
