@@ -17,13 +17,20 @@ parameters are restored sharded by the rules, the prompt rows split over ``('dat
 'fsdp')``; a batch that the data-parallel size does not divide is padded (the padding is
 dropped). ``--batch_size`` defaults to the data-parallel size. Under multi-process JAX every
 process runs this command with the same arguments; process 0 writes the files.
+
+Every prompt is checked before the parameters are loaded: an empty prompt, or one longer
+than the bucket's ``--max_prompt_tokens``, is an error naming its line and length, and
+nothing is generated. Errors are one line on stderr (exit 2 for bad input and flags, 1 for
+anything else); ``--debug`` shows the traceback instead. Compiled programs are kept in the
+persistent compilation cache (``--compilation_cache``, default ``$JAX_COMPILATION_CACHE_DIR``
+or ``./.cache/jax``), so a second run on the same export and settings compiles nothing; the
+last line on stderr says how many programs were loaded from the cache and how many compiled.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 
@@ -33,8 +40,52 @@ from irg_jax.inference.irg_loop import InferenceConfig, TurnGuidance
 RULE_SETS = {"default": DEFAULT_RULES, "fsdp_tensor": FSDP_TENSOR_RULES}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2): no usage block above the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# Exceptions that mean bad input (files, flags, prompts, checkpoints): exit 2 without a traceback.
+INPUT_ERRORS = (ValueError, OSError, KeyError)
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip()) or type(error).__name__
+
+
+def run_cli(prog: str, debug: bool, body) -> int:
+    """Run ``body()`` (returns the exit code); an exception becomes one line on stderr and exit 2
+    (:data:`INPUT_ERRORS`) or 1 (anything else), or propagates with its traceback when ``debug``."""
+    try:
+        return body()
+    except Exception as e:  # noqa: BLE001 - the CLI's single error exit
+        if debug:
+            raise
+        if isinstance(e, INPUT_ERRORS):
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"{prog}: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def start_up(args):
+    """First thing after parsing the flags, before any JAX computation: the multi-process runtime
+    and the persistent compilation cache (JAX reads ``JAX_COMPILATION_CACHE_DIR`` only at import)."""
+    from irg_jax import runtime
+    runtime.maybe_initialize_distributed()
+    return runtime.setup_compilation_cache(args.compilation_cache)
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     d = InferenceConfig()
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    p.add_argument("--compilation_cache", default=None,
+                   help="persistent compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR or "
+                        "./.cache/jax; '' turns it off)")
     p.add_argument("--checkpoint", required=True, help="export directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir/file (default: DIR/tokenizer)")
     p.add_argument("--batch_size", type=int, default=None,
@@ -80,7 +131,7 @@ def inference_config(args, model_cfg) -> InferenceConfig:
     from irg_jax.inference.runner import default_image_size
     size = args.image_size or [default_image_size(model_cfg)]
     if len(size) not in (1, 2):
-        raise SystemExit(f"--image_size takes H or H W, got {size}")
+        raise ValueError(f"--image_size takes H or H W, got {size}")
     system = InferenceConfig.system_prompt
     if args.system_prompt:
         system = (pathlib.Path(args.system_prompt[1:]).read_text(encoding="utf-8")
@@ -110,22 +161,25 @@ def mesh_and_rules(args, devices=None):
         try:
             shape = {a: 1 for a in shape} | parse_mesh(args.mesh)
         except ValueError as e:
-            raise SystemExit(str(e)) from None
+            raise ValueError(f"--mesh: {e}") from None
     rules = RULE_SETS[args.rules] if args.rules else tuple(tuple(r) for r in train.sharding.rules)
     try:
         return build_mesh(shape, devices), rules
     except ValueError as e:
-        raise SystemExit(f"--mesh: {e} ({len(devices or jax.devices())} devices)") from None
+        raise ValueError(f"--mesh: {e} ({len(devices or jax.devices())} devices)") from None
 
 
-def build_runner(args, devices=None):
+def build_runner(args, devices=None, prompts=None, where=None):
+    """The runner the flags ask for; ``prompts`` (named by ``where``) are checked before the
+    parameters are restored (``irg_jax.inference.runner.from_checkpoint``)."""
     from irg_jax.inference import runner
     from irg_jax.inference.placement import Placement
     from irg_jax.train.export import load_model_config
     config = inference_config(args, load_model_config(args.checkpoint))
     mesh, rules = mesh_and_rules(args, devices)
     batch_size = args.batch_size or Placement.make(mesh, rules).data_parallel
-    return runner.from_checkpoint(args.checkpoint, config, batch_size, args.tokenizer, mesh=mesh, rules=rules)
+    return runner.from_checkpoint(args.checkpoint, config, batch_size, args.tokenizer, mesh=mesh, rules=rules,
+                                  prompts=prompts, where=where)
 
 
 def settings_record(runner, seed: int) -> dict:
@@ -151,38 +205,50 @@ def write_turns(folder: pathlib.Path, result, prefix: str = "turn", suffix: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m irg_jax.generate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m irg_jax.generate", description=__doc__.split("\n")[0])
     add_sampling_flags(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", help="file: one prompt per line, or JSON lines with a 'prompt' field")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
+    return run_cli(p.prog, args.debug, lambda: generate(args))
 
-    from irg_jax.inference.runner import read_prompts
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    if not prompts:
-        raise SystemExit(f"{args.prompts}: no prompts")
-    runner = build_runner(args)
-    out = pathlib.Path(args.out)
-    settings = settings_record(runner, args.seed)
-    done = 0
-    for batch in runner.run(prompts, args.seed, progress=is_writer()):
-        if not is_writer():
-            continue
-        for result in batch:
-            folder = out / str(result.row_id)
-            write_turns(folder, result)
-            record = {"index": result.row_id, "prompt": result.prompt,
-                      "turns": [{"text": t.text, "num_tokens": t.num_tokens, "ended_with_eos": t.ended,
-                                 "image": f"turn{k}.png"} for k, t in enumerate(result.turns, 1)],
-                      "settings": settings}
-            (folder / "result.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-            done += 1
-    print(f"wrote {done} results to {out}", file=sys.stderr)
+
+def generate(args) -> int:
+    from irg_jax import runtime
+    start_up(args)
+    from irg_jax.inference.runner import Prompt, read_prompt_file
+    if args.prompt is not None:
+        prompts = [Prompt(args.prompt, "--prompt")]
+    else:
+        prompts = read_prompt_file(args.prompts)
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no prompts")
+    texts, where = [q.text for q in prompts], [q.where for q in prompts]
+    with runtime.CompileStats() as compiles:
+        runner = build_runner(args, prompts=texts, where=where)
+        out = pathlib.Path(args.out)
+        settings = settings_record(runner, args.seed)
+        done = 0
+        for batch in runner.run(texts, args.seed, progress=is_writer(), where=where):
+            if not is_writer():
+                continue
+            for result in batch:
+                folder = out / str(result.row_id)
+                write_turns(folder, result)
+                record = {"index": result.row_id, "prompt": result.prompt,
+                          "turns": [{"text": t.text, "num_tokens": t.num_tokens, "ended_with_eos": t.ended,
+                                     "image": f"turn{k}.png"} for k, t in enumerate(result.turns, 1)],
+                          "settings": settings}
+                (folder / "result.json").write_text(json.dumps(record, indent=2, ensure_ascii=False),
+                                                    encoding="utf-8")
+                done += 1
+    if is_writer():
+        print(f"wrote {done} results to {out}", file=sys.stderr)
+        print(compiles.summary(), file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(".cache/jax"))
     sys.exit(main())

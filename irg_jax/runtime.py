@@ -222,3 +222,76 @@ def quiet_library_logs() -> None:
     import logging as py_logging
     logging.get_absl_handler().addFilter(_QuietLibraries())
     py_logging.getLogger().addFilter(_QuietLibraries())
+
+
+# ------------------------------------------------------------------------------ persistent compilation cache
+
+DEFAULT_COMPILATION_CACHE = ".cache/jax"
+_MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
+def setup_compilation_cache(directory: str | os.PathLike | None = None, min_compile_time_secs: float = 0.0,
+                            environ: Mapping[str, str] | None = None) -> str | None:
+    """Point JAX's persistent compilation cache at ``directory``; returns the directory used (None: off).
+
+    Works after ``import jax`` as long as it runs before the first compilation (JAX reads
+    ``JAX_COMPILATION_CACHE_DIR`` only when it is imported, so setting the variable later has
+    no effect). ``directory``: None keeps a directory already configured (the environment
+    variable), else ``.cache/jax`` under the working directory; ``""`` turns the cache off.
+    ``min_compile_time_secs`` replaces JAX's threshold (1 s: anything that compiles faster is
+    not written) unless ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set; 0 caches every
+    program, so a rerun compiles nothing. Entries of any size are written (JAX's default).
+    """
+    environ = os.environ if environ is None else environ
+    if directory is None:
+        directory = jax.config.jax_compilation_cache_dir or DEFAULT_COMPILATION_CACHE
+    if not str(directory):
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    path = str(directory) if "://" in str(directory) else os.path.abspath(directory)  # gs:// stays as is
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    if _MIN_COMPILE_TIME_ENV not in environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    return path
+
+
+class CompileStats:
+    """Counts XLA programs built while active, from JAX's monitoring events: ``loaded`` came
+    from the persistent cache, ``compiled`` were compiled (and ``written`` of those stored in
+    it). A context manager; listeners are removed on exit."""
+
+    _REQUEST = "/jax/core/compile/backend_compile_duration"  # every executable built, cache hit or not
+    _HIT = "/jax/compilation_cache/cache_hits"
+    _WRITE = "/jax/compilation_cache/cache_misses"  # recorded when an entry is written
+
+    def __init__(self):
+        self.requests = self.loaded = self.written = 0
+
+    @property
+    def compiled(self) -> int:
+        return self.requests - self.loaded
+
+    def _on_event(self, event: str, **_) -> None:
+        if event == self._HIT:
+            self.loaded += 1
+        elif event == self._WRITE:
+            self.written += 1
+
+    def _on_duration(self, event: str, _duration: float, **_) -> None:
+        if event == self._REQUEST:
+            self.requests += 1
+
+    def __enter__(self) -> "CompileStats":
+        jax.monitoring.register_event_listener(self._on_event)
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_listener(self._on_event)
+        jax.monitoring.unregister_event_duration_listener(self._on_duration)
+
+    def summary(self) -> str:
+        where = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+        return (f"XLA programs: {self.loaded} loaded from the compilation cache, {self.compiled} compiled "
+                f"({self.written} written; cache: {where or 'off'})")

@@ -56,6 +56,7 @@ def test_generation_on_8_devices_matches_1_device(tmp_path):
     ids = [0, 1, 2]
     want = single.generate_turns(PROMPTS, ids, seed=5)
     padded = sharded.program.run_padded(*sharded.encode(PROMPTS, ids, seed=5))
+    traces = sharded.program.num_traces  # 1, or 0 when tests/test_generate_cli.py compiled this bucket first
     for t in padded:  # every row-major output is split over the 8 data-parallel ranks, one row each
         for x in (t.image, t.latents, t.think.ids):
             assert x.shape[0] == 8 and x.sharding.spec[0] == ("data", "fsdp"), x.sharding
@@ -81,7 +82,7 @@ def test_generation_on_8_devices_matches_1_device(tmp_path):
     # run_batch drops the padding; other prompts and seeds reuse the compiled program
     results = sharded.run_batch(["draw it", "a red square"], [7, 8], seed=6)
     assert [r.row_id for r in results] == [7, 8] and results[0].turns[1].image.shape == (32, 32, 3)
-    assert sharded.program.num_traces == 1
+    assert sharded.program.num_traces == traces <= 1
 
 
 @pytest.fixture(scope="module")

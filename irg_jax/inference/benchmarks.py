@@ -19,7 +19,10 @@ Row ids (the per-row random stream) are the prompt index times the number of sam
 plus the sample index, so a rerun with the same seed reproduces every image.
 
 The mesh flags are those of ``irg_jax.generate`` (``--mesh``, ``--rules``, ``--train_config``):
-parameters sharded like in training, prompt rows split over the data axes.
+parameters sharded like in training, prompt rows split over the data axes. So are its checks
+and its error handling (every prompt checked before the parameters are loaded and before any
+file is written; one-line errors, ``--debug``) and its persistent compilation cache
+(``--compilation_cache``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class Job:
     prompt: str
     row_id: int
     write: Writer
+    where: str = ""  # where the prompt came from (file and line or item), named when it cannot run
 
 
 def _save_png(image, path: pathlib.Path) -> None:
@@ -52,14 +56,18 @@ def _pick(result, turn: int):
     return result.turns[-1] if turn <= 0 else result.turns[turn - 1]
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
+def _read_jsonl(path: pathlib.Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line."""
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON: {e}") from None
+                raise ValueError(f"{path} line {n}: invalid JSON: {e}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
+            rows.append((n, record))
     return rows
 
 
@@ -69,23 +77,28 @@ def _need(record: dict, key: str, where: str):
     return record[key]
 
 
-def geneval_jobs(data: pathlib.Path, out: pathlib.Path, samples: int, turn: int, settings: dict,
-                 write_files: bool = True) -> Iterator[Job]:
-    for idx, meta in enumerate(_read_jsonl(data)):
-        prompt = _need(meta, "prompt", f"{data} line {idx + 1}")
+def geneval_jobs(data: pathlib.Path, out: pathlib.Path, samples: int, turn: int) -> Iterator[Job]:
+    for idx, (n, meta) in enumerate(_read_jsonl(data)):
+        where = f"{data} line {n}"
+        prompt = _need(meta, "prompt", where)
         folder = out / f"{idx:05d}"
-        if write_files:
-            (folder / "irg").mkdir(parents=True, exist_ok=True)
-            (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False) + "\n", encoding="utf-8")
-            # the scorer lists <out>/*/ as prompt folders: settings go inside each one
-            (folder / "irg" / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
         for k in range(samples):
             def write(result, folder=folder, k=k):
                 _save_png(_pick(result, turn).image, folder / "samples" / f"{k:05d}.png")
                 for t, tr in enumerate(result.turns, 1):
                     _save_png(tr.image, folder / "irg" / f"{k:05d}_turn{t}.png")
                     (folder / "irg" / f"{k:05d}_turn{t}.txt").write_text(tr.text, encoding="utf-8")
-            yield Job(prompt, idx * samples + k, write)
+            yield Job(prompt, idx * samples + k, write, where)
+
+
+def write_geneval_metadata(data: pathlib.Path, out: pathlib.Path, settings: dict) -> None:
+    """Each prompt folder's ``metadata.jsonl`` (what the scorer reads) and ``irg/settings.json``."""
+    for idx, (_, meta) in enumerate(_read_jsonl(data)):
+        folder = out / f"{idx:05d}"
+        (folder / "irg").mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False) + "\n", encoding="utf-8")
+        # the scorer lists <out>/*/ as prompt folders: settings go inside each one
+        (folder / "irg" / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
 
 def wise_jobs(data: pathlib.Path, out: pathlib.Path, turn: int) -> Iterator[Job]:
@@ -102,7 +115,7 @@ def wise_jobs(data: pathlib.Path, out: pathlib.Path, turn: int) -> Iterator[Job]
             (out / f"{pid}.txt").write_text("\n\n".join(thinks), encoding="utf-8")
             for t, tr in enumerate(result.turns, 1):
                 _save_png(tr.image, out / "irg" / f"{pid}_turn{t}.png")
-        yield Job(prompt, n, write)
+        yield Job(prompt, n, write, f"{where} (prompt_id {pid})")
 
 
 def tiif_jobs(data: pathlib.Path, out: pathlib.Path, model_name: str) -> Iterator[Job]:
@@ -111,8 +124,8 @@ def tiif_jobs(data: pathlib.Path, out: pathlib.Path, model_name: str) -> Iterato
         raise FileNotFoundError(f"{data}: no *.jsonl files")
     row = 0
     for f in files:
-        for line, item in enumerate(_read_jsonl(f)):
-            where = f"{f} line {line + 1}"
+        for line, (n, item) in enumerate(_read_jsonl(f)):
+            where = f"{f} line {n}"
             kind = _need(item, "type", where)
             for field in ("short_description", "long_description"):
                 folder = out / str(kind) / model_name / field
@@ -122,7 +135,7 @@ def tiif_jobs(data: pathlib.Path, out: pathlib.Path, model_name: str) -> Iterato
                     for t, tr in enumerate(result.turns, 1):
                         _save_png(tr.image, folder / f"turn{t}_{line}.png")
                         (folder / f"turn{t}_{line}.txt").write_text(tr.text, encoding="utf-8")
-                yield Job(str(_need(item, field, where)), row, write)
+                yield Job(str(_need(item, field, where)), row, write, f"{where} {field}")
                 row += 1
 
 
@@ -141,25 +154,38 @@ def run_jobs(runner, jobs: list[Job], seed: int, write_files: bool = True) -> in
     return len(jobs)
 
 
+def benchmark_jobs(benchmark: str, data: pathlib.Path, out: pathlib.Path, *, samples: int = 4, turn: int = 0,
+                   model_name: str = "IRG-JAX") -> list[Job]:
+    """Every generation of ``benchmark`` on ``data`` (reads ``data``, writes nothing)."""
+    if benchmark == "geneval":
+        return list(geneval_jobs(data, out, samples, turn))
+    if benchmark == "wise":
+        return list(wise_jobs(data, out, turn))
+    if benchmark == "tiif":
+        return list(tiif_jobs(data, out, model_name))
+    raise ValueError(f"unknown benchmark {benchmark!r} (geneval, wise, tiif)")
+
+
 def run_benchmark(runner, benchmark: str, data: pathlib.Path, out: pathlib.Path, *, seed: int, settings: dict,
                   samples: int = 4, turn: int = 0, model_name: str = "IRG-JAX") -> int:
     """Write ``benchmark``'s layout for every prompt of ``data``; returns the number of generations.
 
-    Under multi-process JAX every process runs the generations; process 0 writes the files."""
+    Every prompt is checked (``runner.check_prompts``) before any file is written. Under
+    multi-process JAX every process runs the generations; process 0 writes the files."""
+    jobs = benchmark_jobs(benchmark, data, out, samples=samples, turn=turn, model_name=model_name)
+    runner.check_prompts([j.prompt for j in jobs], [j.where for j in jobs])
     primary = generate.is_writer()
     if primary:
         out.mkdir(parents=True, exist_ok=True)
-    if benchmark == "geneval":
-        jobs = list(geneval_jobs(data, out, samples, turn, settings, write_files=primary))
-    else:
-        jobs = list(wise_jobs(data, out, turn) if benchmark == "wise" else tiif_jobs(data, out, model_name))
-        if primary:
+        if benchmark == "geneval":
+            write_geneval_metadata(data, out, settings)
+        else:
             (out / "irg_settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     return run_jobs(runner, jobs, seed, write_files=primary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m irg_jax.inference.benchmarks", description=__doc__.split("\n")[0])
+    p = generate.ArgumentParser(prog="python -m irg_jax.inference.benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("benchmark", choices=("geneval", "wise", "tiif"))
     p.add_argument("--data", required=True, help="GenEval metadata jsonl, WISE final_data.json, TIIF jsonl or dir")
     p.add_argument("--out", required=True)
@@ -168,13 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model_name", default="IRG-JAX", help="tiif: folder name under <type>/")
     generate.add_sampling_flags(p)
     args = p.parse_args(argv)
+    return generate.run_cli(p.prog, args.debug, lambda: _main(args))
+
+
+def _main(args) -> int:
+    from irg_jax import runtime
+    generate.start_up(args)
     data, out = pathlib.Path(args.data), pathlib.Path(args.out)
-    runner = generate.build_runner(args)
-    settings = generate.settings_record(runner, args.seed)
-    n = run_benchmark(runner, args.benchmark, data, out, seed=args.seed, settings=settings, samples=args.samples,
-                      turn=args.turn, model_name=args.model_name)
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data}: no such file or directory")
+    kw = dict(samples=args.samples, turn=args.turn, model_name=args.model_name)
+    jobs = benchmark_jobs(args.benchmark, data, out, **kw)
+    with runtime.CompileStats() as compiles:
+        # the prompts are checked here before the parameters are restored, and again before any file is written
+        runner = generate.build_runner(args, prompts=[j.prompt for j in jobs], where=[j.where for j in jobs])
+        settings = generate.settings_record(runner, args.seed)
+        n = run_benchmark(runner, args.benchmark, data, out, seed=args.seed, settings=settings, **kw)
     if generate.is_writer():
         print(f"{args.benchmark}: wrote {n} generations to {out}", file=sys.stderr)
+        print(compiles.summary(), file=sys.stderr)
     return 0
 
 

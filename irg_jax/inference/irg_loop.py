@@ -335,12 +335,45 @@ def irg_loop(model, ae, static: StaticSettings, dyn: DynamicSettings, sys_ids: j
 
 # ------------------------------------------------------------------------------ compiled entry point
 
+class SharedLoop:
+    """One ``jax.jit`` of :func:`irg_loop` for a model and autoencoder structure (graph
+    definitions, no parameters); ``traces`` counts its traces over every program using it."""
+
+    def __init__(self, model_graph, ae_graph):
+        self.traces = 0
+
+        def run(static: StaticSettings, model_state, ae_state, dyn, sys_ids, sys_len, prompt_ids, prompt_len,
+                row_keys, think1=None):
+            self.traces += 1  # runs at trace time only
+            model = nnx.merge(model_graph, model_state)
+            ae = nnx.merge(ae_graph, ae_state)
+            return irg_loop(model, ae, static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
+
+        self.jitted = jax.jit(run, static_argnums=(0,))
+
+
+_SHARED_LOOPS: dict = {}
+
+
+def shared_loop(model_graph, ae_graph, placement_key=None) -> SharedLoop:
+    """The process-wide :class:`SharedLoop` for these graph definitions and placement (``(mesh,
+    rules)`` or None): a new :class:`IRGProgram` (a new runner on the same export) reuses every
+    bucket an earlier one compiled instead of tracing and compiling it again."""
+    key = (model_graph, ae_graph, placement_key)
+    if key not in _SHARED_LOOPS:
+        _SHARED_LOOPS[key] = SharedLoop(model_graph, ae_graph)
+    return _SHARED_LOOPS[key]
+
+
 class IRGProgram:
     """``irg_loop`` compiled once per bucket for a fixed model and autoencoder.
 
     ``__call__(static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys)`` returns the
-    list of :class:`Turn` (device arrays). ``num_traces`` counts compilations (one per
-    distinct bucket: batch size, widths and static settings).
+    list of :class:`Turn` (device arrays). ``num_traces`` counts the traces (each one a new
+    compiled program) that this program's calls caused: one per distinct bucket (batch size,
+    widths and static settings), none for a bucket that another program on the same model
+    (equal graph definitions) and the same mesh and rules already compiled in this process —
+    programs share their compiled code (:func:`shared_loop`), not their parameters.
 
     With a ``mesh`` (``irg_jax.parallel.mesh.build_mesh``) and the training ``rules``, the
     parameters are sharded by the rules, the rows split over the data axes (a batch the
@@ -358,14 +391,15 @@ class IRGProgram:
             self.model_state = self.placement.put_model_state(self.model_state)
             self.ae_state = self.placement.put_replicated(self.ae_state)
         self.num_traces = 0
-        self._jitted = jax.jit(self._run, static_argnums=(0,))
+        where = None if self.placement is None else (self.placement.mesh, self.placement.rules)
+        self._shared = shared_loop(self.model_graph, self.ae_graph, where)
 
-    def _run(self, static: StaticSettings, model_state, ae_state, dyn, sys_ids, sys_len, prompt_ids, prompt_len,
-             row_keys, think1=None):
-        self.num_traces += 1  # runs at trace time only
-        model = nnx.merge(self.model_graph, model_state)
-        ae = nnx.merge(self.ae_graph, ae_state)
-        return irg_loop(model, ae, static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
+    def _call(self, method: str, args):
+        before = self._shared.traces
+        try:
+            return getattr(self._shared.jitted, method)(*args)
+        finally:
+            self.num_traces += self._shared.traces - before
 
     def rows_for(self, batch: int) -> int:
         """Rows the compiled program runs for a batch of ``batch`` prompts (padding included)."""
@@ -385,9 +419,9 @@ class IRGProgram:
         """Like ``__call__`` but returns all :meth:`rows_for` rows (padding rows last)."""
         args = self._args(static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
         if self.placement is None:
-            return self._jitted(*args)
+            return self._call("__call__", args)
         with self.placement.context():
-            return self._jitted(*args)
+            return self._call("__call__", args)
 
     def __call__(self, static: StaticSettings, dyn: DynamicSettings, sys_ids, sys_len, prompt_ids, prompt_len,
                  row_keys, think1=None) -> list[Turn]:
@@ -402,9 +436,9 @@ class IRGProgram:
         """Trace and lower without running (``.compile()`` the result to build the executable)."""
         args = self._args(static, dyn, sys_ids, sys_len, prompt_ids, prompt_len, row_keys, think1)
         if self.placement is None:
-            return self._jitted.lower(*args)
+            return self._call("lower", args)
         with self.placement.context():
-            return self._jitted.lower(*args)
+            return self._call("lower", args)
 
 
 def encode_segments(tokenizer, texts: list[str], width: int, what: str = "prompt") -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,8 @@ def load_tokenizer_dir(path: str | os.PathLike) -> Tokenizer:
         raise FileNotFoundError(f"{folder}: tokenizer path does not exist")
     if folder.is_file():
         return WordTokenizer.load(str(folder))
+    if (folder / "word_vocab.json").exists():  # the training loader's order (irg_jax.data.tokenizer)
+        return WordTokenizer.load(str(folder / "word_vocab.json"))
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer.json.gz").exists():
         return HFTokenizer.from_dir(str(folder))
     for f in sorted(folder.glob("*.json")):
@@ -93,6 +95,39 @@ def check_tokenizer(tokenizer: Tokenizer, model_cfg, origin: str) -> None:
     if tokenizer.vocab_size > model_cfg.llm.vocab_size:
         raise ValueError(f"{origin}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
                          f"{model_cfg.llm.vocab_size} embedding rows")
+
+
+class PromptError(ValueError):
+    """Prompts that cannot run (empty, or longer than the bucket), each named by where it came from."""
+
+
+def check_prompts(tokenizer: Tokenizer, prompts: Sequence[str], max_tokens: int,
+                  where: Sequence[str] | None = None) -> None:
+    """Raise :class:`PromptError` naming every prompt that is empty (or only whitespace) or has
+    more than ``max_tokens`` tokens (the bucket's prompt width), with ``where`` it came from
+    (e.g. ``file line 3``; default ``prompt <i>``) and its length; called before any work."""
+    where = [f"prompt {i}" for i in range(len(prompts))] if where is None else list(where)
+    if len(where) != len(prompts):
+        raise ValueError(f"check_prompts: {len(where)} locations for {len(prompts)} prompts")
+    problems, seen = [], set()
+    for text, at in zip(prompts, where):
+        key = (at, text if isinstance(text, str) else repr(text))
+        if key in seen:  # a prompt sampled several times is checked (and named) once
+            continue
+        seen.add(key)
+        if not isinstance(text, str):
+            problems.append(f"{at}: the prompt is a {type(text).__name__}, not a string")
+            continue
+        n = len(tokenizer.encode(text)) if text.strip() else 0
+        if not text.strip():
+            problems.append(f"{at}: empty prompt" + (" (only whitespace)" if text else ""))
+        elif n == 0:
+            problems.append(f"{at}: the prompt has no tokens")
+        elif n > max_tokens:
+            problems.append(f"{at}: {n} tokens, more than the bucket's {max_tokens} (max_prompt_tokens)")
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise PromptError(f"{len(problems)} of {len(seen)} prompts cannot run, nothing generated: {shown}")
 
 
 def default_image_size(model_cfg, cap: int = 1024) -> int:
@@ -117,6 +152,10 @@ class IRGRunner:
                                                     len(tokenizer.encode(config.system_prompt)) + 2, "system prompt")
         self.sys_ids = np.repeat(sys_ids, batch_size, 0)
         self.sys_len = np.repeat(sys_len, batch_size, 0)
+
+    def check_prompts(self, prompts: Sequence[str], where: Sequence[str] | None = None) -> None:
+        """:func:`check_prompts` against this runner's bucket (``config.max_prompt_tokens``)."""
+        check_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens, where)
 
     def encode(self, prompts: Sequence[str], row_ids: Sequence[int], seed: int,
                thinks: Sequence[str] | None = None) -> tuple:
@@ -166,8 +205,13 @@ class IRGRunner:
         return results
 
     def run(self, prompts: Sequence[str], seed: int, row_ids: Sequence[int] | None = None,
-            progress: bool = True, thinks: Sequence[str] | None = None) -> Iterator[list[PromptResult]]:
-        """Yield one list of results per batch, in prompt order (``thinks``: see :meth:`run_batch`)."""
+            progress: bool = True, thinks: Sequence[str] | None = None,
+            where: Sequence[str] | None = None) -> Iterator[list[PromptResult]]:
+        """Yield one list of results per batch, in prompt order (``thinks``: see :meth:`run_batch`).
+
+        Every prompt is checked (:meth:`check_prompts`, named by ``where``) before the first
+        batch runs: a bad one raises :class:`PromptError` before anything is generated."""
+        self.check_prompts(prompts, where)
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         starts = range(0, len(prompts), self.batch_size)
         if progress:
@@ -178,35 +222,71 @@ class IRGRunner:
             yield self.run_batch(prompts[chunk], row_ids[chunk], seed, None if thinks is None else thinks[chunk])
 
 
-def from_checkpoint(directory: str | os.PathLike, config: irg_loop.InferenceConfig, batch_size: int,
-                    tokenizer_path: str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
-                    rules=None) -> IRGRunner:
-    """A runner for an export; with a ``mesh``, restored sharded and run data-parallel (see module doc)."""
-    model, ae = load_export(directory, mesh, rules)
+def export_tokenizer(directory: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                     model_cfg=None) -> Tokenizer:
+    """The export's tokenizer (``DIR/tokenizer``, or ``tokenizer_path``), checked against its model config."""
     tok_path = pathlib.Path(tokenizer_path) if tokenizer_path else pathlib.Path(directory) / "tokenizer"
     if not tok_path.exists():
         raise FileNotFoundError(f"{tok_path}: the export has no tokenizer; pass --tokenizer PATH")
     tokenizer = load_tokenizer_dir(tok_path)
-    check_tokenizer(tokenizer, model.cfg, str(tok_path))
+    check_tokenizer(tokenizer, load_model_config(directory) if model_cfg is None else model_cfg, str(tok_path))
+    return tokenizer
+
+
+def from_checkpoint(directory: str | os.PathLike, config: irg_loop.InferenceConfig, batch_size: int,
+                    tokenizer_path: str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None,
+                    rules=None, prompts: Sequence[str] | None = None,
+                    where: Sequence[str] | None = None) -> IRGRunner:
+    """A runner for an export; with a ``mesh``, restored sharded and run data-parallel (see module doc).
+
+    The tokenizer, the image size and the given ``prompts`` (:func:`check_prompts`, named by
+    ``where``) are checked before the parameters are restored."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model_cfg = load_model_config(directory)
+    tokenizer = export_tokenizer(directory, tokenizer_path, model_cfg)
+    feedback.image_grid(model_cfg, *config.image_size, config.vit_max_size, config.vit_min_size)  # validates
+    if prompts is not None:
+        check_prompts(tokenizer, prompts, config.max_prompt_tokens, where)
+    model, ae = load_export(directory, mesh, rules)
     return IRGRunner(model, ae, tokenizer, config, batch_size, mesh, rules)
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line, or JSON lines with a ``prompt`` field (blank lines skipped)."""
+class Prompt(NamedTuple):
+    text: str
+    where: str   # "<file> line <n>": the line the prompt came from
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[Prompt]:
+    """One prompt per line, or JSON lines with a ``prompt`` field (blank lines skipped), each with
+    its line number. A JSON prompt that is not a string, or a line that is not valid JSON,
+    is an error naming the line; empty prompts are returned (and refused by :func:`check_prompts`)."""
+    try:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     prompts = []
-    for n, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
+        where = f"{path} line {n}"
         if line.startswith("{"):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON: {e}") from None
+                raise ValueError(f"{where}: invalid JSON: {e}") from None
             if "prompt" not in record:
-                raise ValueError(f"{path}:{n}: JSON line has no 'prompt' field (keys: {sorted(record)})")
-            prompts.append(str(record["prompt"]))
+                raise ValueError(f"{where}: JSON line has no 'prompt' field (keys: {sorted(record)})")
+            if not isinstance(record["prompt"], str):
+                raise ValueError(f"{where}: 'prompt' is a {type(record['prompt']).__name__}, not a string")
+            prompts.append(Prompt(record["prompt"], where))
         else:
-            prompts.append(line)
+            prompts.append(Prompt(line, where))
     return prompts
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The texts of :func:`read_prompt_file`."""
+    return [p.text for p in read_prompt_file(path)]
 

@@ -6,7 +6,8 @@ Layout of an export directory (what ``irg_jax.generate --checkpoint`` reads, and
     DIR/params/         Orbax pytree: pure dict of parameter arrays
     DIR/model_config.json
     DIR/export.json     {"source": ..., "step": ..., "dtype": ...}
-    DIR/tokenizer/      optional: tokenizer files (tokenizer.json or vocab.json)
+    DIR/tokenizer/      optional: the tokenizer's files only (:func:`tokenizer_files`: tokenizer.json
+                        and its companions, or a word-vocabulary json)
 
 Multi-process: :func:`save_params` and :func:`export_for_inference` must be called by every
 process (Orbax writes the parameter shards collectively); the small files are written by
@@ -42,13 +43,41 @@ def save_params(directory: str | pathlib.Path, params: Any, model_cfg: ml_collec
     (directory / "model_config.json").write_text(model_cfg.to_json_best_effort(indent=2))
     (directory / "export.json").write_text(json.dumps(info, indent=2))
     if tokenizer_dir:
-        src = pathlib.Path(tokenizer_dir)
-        if src.is_dir():
-            shutil.copytree(src, directory / "tokenizer", dirs_exist_ok=True)
-        elif src.is_file():
-            (directory / "tokenizer").mkdir(exist_ok=True)
-            shutil.copy(src, directory / "tokenizer" / src.name)
+        files = tokenizer_files(tokenizer_dir)
+        if not files:
+            logging.warning("%s: no tokenizer files found; the export has no tokenizer/ (generate then needs "
+                            "--tokenizer)", tokenizer_dir)
+        target = directory / "tokenizer"
+        if target.exists():  # a previous export's files must not mix with these
+            shutil.rmtree(target)
+        if files:
+            target.mkdir()
+        for f in files:
+            shutil.copy(f, target / f.name)
     return directory
+
+
+# Files of a Hugging Face tokenizer folder that travel with ``tokenizer.json`` (copied when present).
+HF_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                           "merges.txt")
+
+
+def tokenizer_files(path: str | pathlib.Path) -> list[pathlib.Path]:
+    """The files of the tokenizer that ``irg_jax.data.tokenizer.load_tokenizer(path)`` loads, and no
+    others (``path`` may be a data root that also holds the parquet files): a word-vocabulary
+    file; a folder's ``word_vocab.json``; or its ``tokenizer.json`` (or ``.json.gz``) with the
+    Hugging Face companion files beside it. Empty when ``path`` holds no tokenizer."""
+    src = pathlib.Path(path)
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        return []
+    if (src / "word_vocab.json").is_file():
+        return [src / "word_vocab.json"]
+    main = next((src / n for n in ("tokenizer.json", "tokenizer.json.gz") if (src / n).is_file()), None)
+    if main is None:
+        return []
+    return [main] + [src / n for n in HF_TOKENIZER_COMPANIONS if (src / n).is_file()]
 
 
 def load_model_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
