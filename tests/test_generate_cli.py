@@ -199,3 +199,16 @@ def test_benchmark_prompts_are_checked_before_any_file(tmp_path):
     assert f"{geneval} line 3: empty prompt" in str(e.value)
     assert f"{geneval} line 4: 11 tokens, more than the bucket's 8" in str(e.value)
     assert not (tmp_path / "g").exists()
+
+
+def test_benchmark_cli_checks_prompts_before_loading(tmp_path, capsys):
+    from irg_jax.inference import benchmarks
+    export = config_only_export(tmp_path)  # no params: the check must come before the restore
+    wise = tmp_path / "final_data.json"
+    wise.write_text(json.dumps([{"prompt_id": 17, "Prompt": "draw it"}, {"prompt_id": 18, "Prompt": ""}]))
+    out = tmp_path / "w"
+    rc = benchmarks.main(["wise", "--data", str(wise), "--out", str(out), "--checkpoint", str(export), *SAMPLING])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and err == [f"python -m irg_jax.inference.benchmarks: error: 1 of 2 prompts cannot run, nothing "
+                               f"generated: {wise} item 1 (prompt_id 18): empty prompt"], err
+    assert not out.exists()
