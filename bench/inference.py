@@ -1,12 +1,12 @@
 """Benchmark: IRG inference — KV-cache decode vs recompute, flow sampler steps/s, whole-loop prompts/s.
 
     .venv/bin/python bench/inference.py [--config demo|tiny|bagel_7b_mot] [--layers N] [--dtype bfloat16]
-        [--contexts 128 256 512 1024 2048] [--decode_tokens 32] [--image_px 64] [--num_steps 8]
+        [--contexts 128 512 1024] [--capacities 256 2048 8192] [--decode_tokens 32] [--image_px 64] [--num_steps 8]
         [--batch 1] [--think_tokens 16]
 
 Rows of the table:
-  decode / token @ L    one token through ``kv_cache.decode_step`` inside the on-device
-                        while loop, with L tokens already in a cache of fixed capacity
+  decode ms/token       one token through ``kv_cache.decode_step`` inside the on-device
+                        while loop, with L tokens already in a cache of capacity C (context x capacity table)
   recompute @ L         one full forward over all L tokens (what a cache-less decoder pays per token)
   sampler               denoising steps/s of ``generate_latents`` with the three IRG branches in one
                         batched forward (context of 1k tokens)
@@ -16,6 +16,7 @@ Random weights: the think texts run to ``--think_tokens`` unless the model sampl
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -48,7 +49,9 @@ def main():
     p.add_argument("--config", default="demo", choices=["demo", "tiny", "bagel_7b_mot"])
     p.add_argument("--layers", type=int, default=0, help="override the LLM and ViT layer counts")
     p.add_argument("--dtype", default="", help="override the compute dtype")
-    p.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024])
+    p.add_argument("--capacities", type=int, nargs="+", default=[256, 2048, 8192],
+                   help="KV-cache capacities; each context runs in every capacity it fits")
     p.add_argument("--decode_tokens", type=int, default=32)
     p.add_argument("--image_px", type=int, default=0, help="generated image side (default: model max, <= 1024)")
     p.add_argument("--num_steps", type=int, default=8)
@@ -75,11 +78,11 @@ def main():
     rows.append(("model", f"{args.config}, {cfg.llm.num_layers} layers, hidden {cfg.llm.hidden_size}, "
                           f"{n_params / 1e6:,.1f}M params, {cfg.dtype}, batch {b}"))
 
-    capacity = max(args.contexts) + args.decode_tokens + 8
-    tokens = jax.random.randint(jax.random.key(2), (b, max(args.contexts)), 0, cfg.special_ids.bos)
+    longest = max(args.contexts)
+    tokens = jax.random.randint(jax.random.key(2), (b, longest), 0, cfg.special_ids.bos)
 
-    @jax.jit
-    def prefill(state, ids):
+    @functools.partial(jax.jit, static_argnums=2)
+    def prefill(state, ids, capacity):
         m = nnx.merge(graph, state)
         return kv_cache.append_text(m, kv_cache.init_cache(cfg, b, capacity), ids)[0]
 
@@ -99,27 +102,35 @@ def main():
         _, hidden = kv_cache.append_text(m, cache, ids)
         return m.decoder.logits(hidden[:, -1])
 
-    per_token = {}
+    # decode cost over context x capacity: one prefill per capacity (the longest context that fits),
+    # shorter contexts by setting the rows' length (the compiled decode is the same for every context)
+    per_token, table = {}, {}
+    for cap in args.capacities:
+        fits = [L for L in args.contexts if L + args.decode_tokens <= cap]
+        if not fits:
+            continue
+        cache = prefill(state, tokens[:, :max(fits)], cap)
+        for L in fits:
+            c = cache._replace(length=jnp.full((b,), L, jnp.int32), rope=jnp.full((b,), L, jnp.int32))
+            table[L, cap] = timed(decode, state, c) / args.decode_tokens / b  # per generated token
     for L in args.contexts:
-        cache = prefill(state, tokens[:, :L]) if L == max(args.contexts) else prefill(
-            state, jnp.pad(tokens[:, :L], ((0, 0), (0, max(args.contexts) - L))))
-        if L != max(args.contexts):  # same compiled prefill; keep only the first L tokens
-            cache = cache._replace(length=jnp.full((b,), L, jnp.int32), rope=jnp.full((b,), L, jnp.int32))
-        step = timed(decode, state, cache) / args.decode_tokens
-        t = step / b  # per generated token
+        t = min(table[L, cap] for cap in args.capacities if (L, cap) in table)
         per_token[L] = t
         r = timed(recompute, state, tokens[:1, :L])
-        rows.append((f"decode @ {L} (capacity {capacity}), batch {b}",
-                     f"{step * 1e3:.2f} ms/step = {t * 1e3:.2f} ms/token ({1 / t:,.0f} tokens/s)"))
         rows.append((f"recompute one row's context @ {L}", f"{r * 1e3:.2f} ms = {r / t:.1f}x one cached token"))
+    caps = [c for c in args.capacities if any((L, c) in table for L in args.contexts)]
+    decode_table = ["| decode ms/token (batch %d) | " % b + " | ".join(f"capacity {c}" for c in caps) + " |",
+                    "|---|" + "---|" * len(caps)]
+    for L in args.contexts:
+        cells = [f"{table[L, c] * 1e3:.2f}" if (L, c) in table else "" for c in caps]
+        decode_table.append(f"| context {L} | " + " | ".join(cells) + " |")
 
     # sampler: 3 branches over a 1k-token context
     side = args.image_px or min(1024, cfg.latent.max_latent_size * cfg.autoencoder.downsample * cfg.latent.patch_size)
     px = cfg.autoencoder.downsample * cfg.latent.patch_size
     n_lat = (side // px) ** 2
-    ctx = min(1024, max(args.contexts))
-    cache = prefill(state, jnp.pad(tokens[:, :ctx], ((0, 0), (0, max(args.contexts) - ctx))))
-    cache = cache._replace(length=jnp.full((b,), ctx, jnp.int32), rope=jnp.full((b,), ctx, jnp.int32))
+    ctx = min(1024, longest)
+    cache = prefill(state, tokens[:, :ctx], ctx)
     pos = jnp.broadcast_to(jnp.arange(n_lat) // (side // px) * cfg.latent.max_latent_size
                            + jnp.arange(n_lat) % (side // px), (b, n_lat))
 
@@ -160,8 +171,12 @@ def main():
     print("| quantity | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")
-    flat = max(per_token.values()) / min(per_token.values())
-    print(f"\ndecode cost, max/min over contexts: {flat:.2f}x")
+    print()
+    print("\n".join(decode_table))
+    small, large = min(caps), max(caps)
+    for L in args.contexts:
+        if (L, small) in table and (L, large) in table:
+            print(f"\ncontext {L}: capacity {large} costs {table[L, large] / table[L, small]:.2f}x capacity {small}")
 
 
 if __name__ == "__main__":

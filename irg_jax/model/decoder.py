@@ -24,8 +24,9 @@ import ml_collections
 from flax import nnx
 
 from irg_jax.model import attention as attn_lib
-from irg_jax.model import layer_scan, remat
+from irg_jax.model import cached_attention, layer_scan, remat
 from irg_jax.model.attention import TokenMeta
+from irg_jax.model.cached_attention import CacheView
 from irg_jax.model.embeddings import Linear
 from irg_jax.parallel.sharding import constrain, param
 
@@ -139,22 +140,19 @@ class Expert(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class PastKV(NamedTuple):
-    """Keys/values prepended to one layer's attention (a KV cache), with their metadata."""
-
-    k: jax.Array  # [B, Lp, Hk, D]
-    v: jax.Array
-    meta: TokenMeta
-
-
 class DecoderLayer(nnx.Module):
     def __init__(self, llm, attn_cfg, *, rngs: nnx.Rngs, mlp_chunk: int = 0):
         self.attn_cfg = ml_collections.FrozenConfigDict(attn_cfg)
         self.und = Expert(llm, rngs=rngs, mlp_chunk=mlp_chunk)
         self.gen = Expert(llm, rngs=rngs, mlp_chunk=mlp_chunk)
 
-    def __call__(self, x, cos, sin, meta: TokenMeta, und_len: int, past: PastKV | None = None):
-        """x [B, L, D] laid out [und | gen] -> (x', (k, v) of the L new tokens)."""
+    def __call__(self, x, cos, sin, meta: TokenMeta, und_len: int, past: CacheView | None = None):
+        """x [B, L, D] laid out [und | gen] -> (x', (k, v) of the L new tokens, past).
+
+        With ``past`` (a KV cache), the new tokens attend to the cache's filled slots and to
+        themselves and are written into it at ``past.slots`` (:mod:`irg_jax.model.cached_attention`);
+        the updated cache comes back as the third output.
+        """
         L = x.shape[1]
         parts = []  # (expert, start, stop)
         if und_len > 0:
@@ -164,15 +162,14 @@ class DecoderLayer(nnx.Module):
         qkv = [e.qkv(x[:, a:b], cos[:, a:b], sin[:, a:b]) for e, a, b in parts]
         q, k, v = (jnp.concatenate(t, axis=1) if len(parts) > 1 else t[0] for t in zip(*qkv))
         q = constrain(q, ("batch", "length", "q_heads", None))
-        k_all, v_all, k_meta = k, v, meta
-        if past is not None:
-            k_all = jnp.concatenate([past.k.astype(k.dtype), k], axis=1)
-            v_all = jnp.concatenate([past.v.astype(v.dtype), v], axis=1)
-            k_meta = TokenMeta.concat([past.meta, meta])
-        out = attn_lib.attend(q, k_all, v_all, meta, k_meta, self.attn_cfg)
+        if past is None:
+            out = attn_lib.attend(q, k, v, meta, meta, self.attn_cfg)
+        else:
+            out, past = cached_attention.attend(q, k, v, meta, meta, past, block_q=self.attn_cfg.block_q,
+                                                block_k=self.attn_cfg.block_k)
         y = [e.finish(x[:, a:b], out[:, a:b]) for e, a, b in parts]
         y = jnp.concatenate(y, axis=1) if len(y) > 1 else y[0]
-        return constrain(y, ("batch", "length", "embed")), (k, v)
+        return constrain(y, ("batch", "length", "embed")), (k, v), past
 
 
 class Embedding(nnx.Module):
@@ -188,6 +185,7 @@ class DecoderOutput(NamedTuple):
     keys: jax.Array          # [num_layers, B, L, Hk, D] new keys (after norm and RoPE)
     values: jax.Array        # [num_layers, B, L, Hk, D]
     layer_outputs: jax.Array | None  # [num_layers, B, L, D] residual stream after each layer
+    past_kv: tuple[jax.Array, jax.Array] | None = None  # the cache's (keys, values) with the new ones written
 
 
 def _stack_layers(llm, attn_cfg, rngs: nnx.Rngs, mlp_chunk: int) -> DecoderLayer:
@@ -229,11 +227,13 @@ class Decoder(nnx.Module):
         self.lm_head = Linear(llm.hidden_size, llm.vocab_size, rngs=rngs, use_bias=False, axes=("embed", "vocab"))
 
     def __call__(self, x: jax.Array, rope_pos: jax.Array, meta: TokenMeta, und_len: int, *,
-                 past_kv: tuple[jax.Array, jax.Array] | None = None, past_meta: TokenMeta | None = None,
+                 past_kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array | None] | None = None,
                  collect_layer_outputs: bool = False, with_kv: bool = True) -> DecoderOutput:
         """Run all layers on x [B, L, D] (laid out [und | gen], ``und_len`` static).
 
-        ``past_kv``: optional cached (keys, values) [num_layers, B, Lp, Hk, D] with ``past_meta``.
+        ``past_kv``: optional cache (keys, values [num_layers, B, capacity, Hk, D], length [B], slots
+        [B, L] or None); each layer reads its own slice and writes its new keys/values at ``slots``
+        in place (see :mod:`irg_jax.model.cached_attention`); the result's ``past_kv`` is the cache after.
         ``with_kv=False`` (training) returns no keys/values; with scanned layers under the
         ``nothing_saveable`` policy the layers then run through :func:`layer_scan.scan_layers`,
         which saves each layer's input in the compute dtype for the backward pass.
@@ -246,39 +246,42 @@ class Decoder(nnx.Module):
 
             def layer_fn(state, h, consts):
                 cos, sin, meta = consts
-                h, _ = nnx.merge(graphdef, state)(h, cos, sin, meta, und_len)
+                h, _, _ = nnx.merge(graphdef, state)(h, cos, sin, meta, und_len)
                 return h
 
             x = layer_scan.scan_layers(layer_fn, ("batch", "length", "embed"), states, x, (cos, sin, meta))
             return DecoderOutput(self.final_norm(x, und_len), None, None, None)
 
-        def run(layer_state, graphdef, h, past):
+        # the cache arrays are loop state of the layer loop (see cached_attention): (keys, values) or None
+        cache = None if past_kv is None else tuple(past_kv[:2])
+
+        def run(layer_state, graphdef, h, cache, index):
             layer = nnx.merge(graphdef, layer_state)
-            past = None if past is None else PastKV(past[0], past[1], past_meta)
-            h, (k, v) = layer(h, cos, sin, meta, und_len, past)
-            return h, (k, v, h if collect_layer_outputs else None)
+            past = None if cache is None else CacheView(*cache, past_kv[2], index, past_kv[3])
+            h, (k, v), past = layer(h, cos, sin, meta, und_len, past)
+            cache = None if past is None else (past.keys, past.values)
+            return (h, cache), (k, v, h if collect_layer_outputs else None)
 
         run = remat.checkpoint(run, self.remat_policy, static_argnums=(1,))
 
         if self.scan_layers:
             graphdef, states = nnx.split(self.layers)
 
-            def body(h, xs):
-                state, past = xs
-                h, out = run(state, graphdef, h, past)
-                return h, out
+            def body(carry, xs):
+                state, index = xs
+                return run(state, graphdef, *carry, index)
 
-            x, (keys, values, outs) = jax.lax.scan(body, x, (states, past_kv))
+            indices = jnp.arange(self.llm.num_layers, dtype=jnp.int32)
+            (x, cache), (keys, values, outs) = jax.lax.scan(body, (x, cache), (states, indices))
         else:
             collected = []
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
-                past = None if past_kv is None else (past_kv[0][i], past_kv[1][i])
-                x, out = run(state, graphdef, x, past)
+                (x, cache), out = run(state, graphdef, x, cache, jnp.int32(i))
                 collected.append(out)
             keys, values, outs = (None if t[0] is None else jnp.stack(t) for t in zip(*collected))
         h = self.final_norm(x, und_len)
-        return DecoderOutput(h, keys, values, outs)
+        return DecoderOutput(h, keys, values, outs, cache)
 
     def final_norm(self, x: jax.Array, und_len: int) -> jax.Array:
         parts = []

@@ -11,6 +11,9 @@ cached keys plus the block's own keys, with the mask from
 :func:`irg_jax.model.attention.allowed_mask`: cached slots ``< length`` are earlier
 tokens of document 0 and empty slots belong to no document, so new text is causal with
 bottom-right alignment (it sees the whole cache) and image blocks are bidirectional.
+Attention reads only the filled blocks of the cache (:mod:`irg_jax.model.cached_attention`),
+and the new keys/values are scattered into their slots in place, so a token's cost
+follows the context, not the capacity.
 
   append_text          [bos] ids [eos] etc., und expert, causal; rope += count
   append_vit_image     [soi] ViT tokens [eoi], und expert, full; all at one rope; rope += 1
@@ -54,14 +57,6 @@ def init_cache(model_cfg, batch: int, capacity: int, dtype=None) -> KVCache:
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), zeros, zeros)
 
 
-def cache_meta(cache: KVCache) -> TokenMeta:
-    """Metadata of the cache slots: filled slots are document 0, empty ones no document."""
-    b, cap = cache.keys.shape[1], cache.capacity
-    slot = jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32), (b, cap))
-    doc = jnp.where(slot < cache.length[:, None], 0, INVALID_DOC).astype(jnp.int32)
-    return TokenMeta(doc, jnp.full((b, cap), -1, jnp.int32), jnp.full((b, cap), FULL, jnp.int32), slot)
-
-
 def _block_meta(cache: KVCache, offsets: jax.Array, valid: jax.Array, mode: int) -> TokenMeta:
     """Metadata of a new block: logical position length + offset; invalid tokens in no document."""
     b, n = offsets.shape
@@ -69,19 +64,20 @@ def _block_meta(cache: KVCache, offsets: jax.Array, valid: jax.Array, mode: int)
                      jnp.full((b, n), mode, jnp.int32), (cache.length[:, None] + offsets).astype(jnp.int32))
 
 
-def _run(model, cache: KVCache, h, rope_pos, meta: TokenMeta, und_len: int):
+def _slots(cache: KVCache, offsets: jax.Array, valid: jax.Array) -> jax.Array:
+    """Cache slot of each new token: length + offset; invalid tokens past the capacity (dropped)."""
+    return jnp.where(valid, cache.length[:, None] + offsets, cache.capacity).astype(jnp.int32)
+
+
+def _run(model, cache: KVCache, h, rope_pos, meta: TokenMeta, und_len: int, slots: jax.Array | None):
+    """The decoder over a new block; with ``slots`` its keys/values are written into the cache."""
     return model.decoder(h.astype(model.dtype), rope_pos, meta, und_len,
-                         past_kv=(cache.keys, cache.values), past_meta=cache_meta(cache))
+                         past_kv=(cache.keys, cache.values, cache.length, slots))
 
 
-def _write(cache: KVCache, keys, values, offsets, valid, count, rope_advance) -> KVCache:
-    """Store the valid new keys/values at slot length + offset and advance length and rope."""
-    b = offsets.shape[0]
-    slot = jnp.where(valid, cache.length[:, None] + offsets, cache.capacity)  # out of range: dropped
-    rows = jnp.arange(b)[:, None]
-    k = cache.keys.at[:, rows, slot].set(keys.astype(cache.keys.dtype), mode="drop")
-    v = cache.values.at[:, rows, slot].set(values.astype(cache.values.dtype), mode="drop")
-    return KVCache(k, v, cache.length + count.astype(jnp.int32), cache.rope + rope_advance.astype(jnp.int32))
+def _advance(cache: KVCache, out, count, rope_advance) -> KVCache:
+    """The cache written by the decoder (``out.past_kv``), with length and rope advanced."""
+    return KVCache(*out.past_kv, cache.length + count.astype(jnp.int32), cache.rope + rope_advance.astype(jnp.int32))
 
 
 def _active(active, b: int) -> jax.Array:
@@ -103,8 +99,8 @@ def append_text(model, cache: KVCache, ids: jax.Array, num_valid: jax.Array | No
     offsets = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     valid = offsets < num_valid[:, None]
     out = _run(model, cache, model.embed_text(ids), cache.rope[:, None] + offsets,
-               _block_meta(cache, offsets, valid, CAUSAL), und_len=n)
-    cache = _write(cache, out.keys, out.values, offsets, valid, num_valid, num_valid)
+               _block_meta(cache, offsets, valid, CAUSAL), n, _slots(cache, offsets, valid))
+    cache = _advance(cache, out, num_valid, num_valid)
     return cache, out.hidden
 
 
@@ -127,11 +123,12 @@ def append_vit_image(model, cache: KVCache, patches: jax.Array, pos_ids: jax.Arr
     offsets = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     valid = jnp.broadcast_to(act[:, None], (b, n))
     out = _run(model, cache, h, jnp.broadcast_to(cache.rope[:, None], (b, n)),
-               _block_meta(cache, offsets, valid, FULL), und_len=n)
-    return _write(cache, out.keys, out.values, offsets, valid, act * n, act)
+               _block_meta(cache, offsets, valid, FULL), n, _slots(cache, offsets, valid))
+    return _advance(cache, out, act * n, act)
 
 
-def _latent_block(model, cache: KVCache, x: jax.Array, t: jax.Array, pos_ids: jax.Array, valid_rows: jax.Array):
+def _latent_block(model, cache: KVCache, x: jax.Array, t: jax.Array, pos_ids: jax.Array, valid_rows: jax.Array,
+                  write: bool):
     """[soi, eoi | latents] with logical offsets soi 0, latents 1..N, eoi N+1; markers und, latents gen."""
     b, n_lat, _ = x.shape
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(b, -1), (b, n_lat))
@@ -140,8 +137,8 @@ def _latent_block(model, cache: KVCache, x: jax.Array, t: jax.Array, pos_ids: ja
     offsets = jnp.broadcast_to(offsets, (b, n_lat + 2))
     valid = jnp.broadcast_to(valid_rows[:, None], offsets.shape)
     out = _run(model, cache, h, jnp.broadcast_to(cache.rope[:, None], offsets.shape),
-               _block_meta(cache, offsets, valid, FULL), und_len=2)
-    return out, offsets, valid
+               _block_meta(cache, offsets, valid, FULL), 2, _slots(cache, offsets, valid) if write else None)
+    return out
 
 
 def append_vae_image(model, cache: KVCache, latents: jax.Array, pos_ids: jax.Array,
@@ -149,8 +146,8 @@ def append_vae_image(model, cache: KVCache, latents: jax.Array, pos_ids: jax.Arr
     """Prefill one clean VAE image per row: latent tokens [B, N, D_lat] at t = 0, pos_ids [B, N]."""
     b, n_lat, _ = latents.shape
     act = _active(active, b)
-    out, offsets, valid = _latent_block(model, cache, latents, jnp.zeros((b,), jnp.float32), pos_ids, act)
-    return _write(cache, out.keys, out.values, offsets, valid, act * (n_lat + 2), act)
+    out = _latent_block(model, cache, latents, jnp.zeros((b,), jnp.float32), pos_ids, act, write=True)
+    return _advance(cache, out, act * (n_lat + 2), act)
 
 
 def query_noisy_latents(model, cache: KVCache, x_t: jax.Array, t: jax.Array, pos_ids: jax.Array) -> jax.Array:
@@ -159,5 +156,5 @@ def query_noisy_latents(model, cache: KVCache, x_t: jax.Array, t: jax.Array, pos
     The query [soi, x_t, eoi] sits at the row's current rope position and attends to the
     cache and to itself; the cache is not modified.
     """
-    out, _, _ = _latent_block(model, cache, x_t, t, pos_ids, jnp.ones((x_t.shape[0],), bool))
+    out = _latent_block(model, cache, x_t, t, pos_ids, jnp.ones((x_t.shape[0],), bool), write=False)
     return model.velocity(out.hidden[:, 2:])
