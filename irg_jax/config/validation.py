@@ -128,10 +128,12 @@ def _check_attention(attn) -> None:
     from irg_jax.model import attention
     if attn.get("impl") not in attention.names():
         raise ConfigError("model.attention.impl", f"{attn.get('impl')!r} is not one of {attention.names()}")
-    for key in ("block_q", "block_k"):
+    for key in ("block_q", "block_k", "cache_block"):
         value = attn.get(key)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"model.attention.{key}", f"must be a positive int, got {value!r}")
+        if key == "cache_block":
+            continue
         gpu = attention.resolve(attn.impl) == "pallas_gpu"
         if gpu and (value < 16 or value & (value - 1)):
             raise ConfigError(f"model.attention.{key}", f"pallas_gpu needs a power of two >= 16, got {value}")

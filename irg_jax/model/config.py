@@ -14,7 +14,8 @@ Every builder returns the ``config.model`` ConfigDict with the same key set:
   dtype ('float32' | 'bfloat16'; parameters are always float32), remat, scan_layers
   remat_policy (what a rematerialised layer saves: irg_jax.model.remat.POLICIES)
   mlp_chunk    (tokens per MLP chunk, 0: whole sequence), ce_chunk (CE tokens per lm_head chunk, 0: all)
-  attention:   impl (a name in irg_jax.model.attention's registry; 'auto': by backend), block_q, block_k
+  attention:   impl (a name in irg_jax.model.attention's registry; 'auto': by backend), block_q, block_k,
+               cache_block (KV-cache slots per step of inference's cache loop)
 
 A latent token has ``latent.patch_size**2 * autoencoder.z_channels`` values. The identity
 autoencoder is a pixel space-to-depth by ``downsample`` (z_channels = 3 * downsample**2).
@@ -60,7 +61,8 @@ def _model(*, llm: dict, vit: dict, latent: dict, autoencoder: dict, special_ids
     c.scan_layers = False
     c.mlp_chunk = 0
     c.ce_chunk = 0
-    c.attention = ml_collections.ConfigDict({"impl": "auto", "block_q": 512, "block_k": 512})
+    # cache_block: cache slots read per step of the KV-cache loop in inference (cost follows the context)
+    c.attention = ml_collections.ConfigDict({"impl": "auto", "block_q": 512, "block_k": 512, "cache_block": 128})
     return c
 
 

@@ -166,7 +166,7 @@ class DecoderLayer(nnx.Module):
             out = attn_lib.attend(q, k, v, meta, meta, self.attn_cfg)
         else:
             out, past = cached_attention.attend(q, k, v, meta, meta, past, block_q=self.attn_cfg.block_q,
-                                                block_k=self.attn_cfg.block_k)
+                                                block_k=self.attn_cfg.get("cache_block", 128))
         y = [e.finish(x[:, a:b], out[:, a:b]) for e, a, b in parts]
         y = jnp.concatenate(y, axis=1) if len(y) > 1 else y[0]
         return constrain(y, ("batch", "length", "embed")), (k, v), past
