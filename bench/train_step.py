@@ -4,9 +4,9 @@
     .venv/bin/python bench/train_step.py --data /tmp/world [--variant demo] [--steps 5] \
         [model.attention.block_q=512 model.attention.block_k=512 ...]
 
-Builds exactly what ``irg_jax.train.loop`` builds (config ``configs/irgl_stage1.py:<variant>``,
-Grain pipeline, sharded state, jitted step) on one CPU device and reports seconds per step
-(a) on batches fetched beforehand and (b) fetching each batch in the loop, tokens/s over the
+Runs the loop's step (``irg_jax.train.setup.train_setup``: the same state, batch and constant
+shardings, donated state; config ``configs/irgl_stage1.py:<variant>``, Grain pipeline) on one
+CPU device and reports seconds per step (a) on batches fetched beforehand and (b) fetching each batch in the loop, tokens/s over the
 pack budget, and the analytic model FLOP/s as a fraction of an fp32 matmul timed in the same
 process. Trailing ``key=value`` arguments override config keys (ints, floats, strings).
 """
@@ -27,12 +27,9 @@ from irg_jax.config.irgl import irgl_config  # noqa: E402
 from irg_jax.data import pipeline  # noqa: E402
 from irg_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from irg_jax.parallel.mesh import build_mesh  # noqa: E402
-from irg_jax.parallel.sharding import activation_rules  # noqa: E402
-from irg_jax.train import model_setup, state as state_lib  # noqa: E402
 from irg_jax.train.loop import step_flops  # noqa: E402
 from irg_jax.train.mfu import measure_matmul_flops  # noqa: E402
-from irg_jax.train.optimizer import make_optimizer, step_frozen_fn  # noqa: E402
-from irg_jax.train.step import make_train_step  # noqa: E402
+from irg_jax.train.setup import train_setup  # noqa: E402
 
 
 def override(config, kv: str) -> None:
@@ -58,31 +55,28 @@ def main() -> None:
         override(c, kv)
     peak = measure_matmul_flops()
     tokenizer = load_tokenizer(c.data.tokenizer_path)
-    mesh = build_mesh(c.mesh)
-    rules = tuple(tuple(r) for r in c.sharding.rules)
+    setup = train_setup(c, build_mesh(c.mesh))  # the loop's step: same shardings, constants as arguments
+    setup.place_constants()
     it, budgets = pipeline.make_train_iterator(c.data, c.model, tokenizer, seed=0, batch_size=c.batch_size,
-                                               sharding=None)
-    bundle, init = model_setup.build(c.model, mesh, rules, 0)
-    tx, schedule = make_optimizer(c, bundle.abstract_params)
-    step = jax.jit(make_train_step(model_setup.make_forward(bundle), tx, schedule, c,
-                                   step_frozen_fn(bundle.abstract_params, c.freeze)), donate_argnums=0)
+                                               sharding=setup.batch_sharding)
     flops = step_flops(c, budgets[-1])
     budget_tokens = c.batch_size * (budgets[-1].und_len + budgets[-1].gen_len)
-    with jax.set_mesh(mesh), activation_rules(rules):
-        state = state_lib.create(init(), tx, jax.random.key(0), c.ema.enabled)
+    state, window = setup.create_state(setup.init_params()), setup.new_window(0)
+    step = lambda state, batch, window: setup.step(state, batch, window, *setup.constants)  # noqa: E731
+    with setup.active():
         t0 = time.perf_counter()
-        state, m = step(state, next(it))
+        state, window, _ = step(state, next(it), window)
         jax.block_until_ready(state)
         compile_s = time.perf_counter() - t0
         batches = [next(it) for _ in range(args.steps)]
         t0 = time.perf_counter()
         for b in batches:
-            state, m = step(state, b)
+            state, window, _ = step(state, b, window)
         jax.block_until_ready(state)
         prefetched = (time.perf_counter() - t0) / args.steps
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            state, m = step(state, next(it))
+            state, window, _ = step(state, next(it), window)
         jax.block_until_ready(state)
         in_loop = (time.perf_counter() - t0) / args.steps
     print(f"config {args.variant} {' '.join(args.overrides)}")

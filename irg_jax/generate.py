@@ -153,7 +153,7 @@ def mesh_and_rules(args, devices=None):
     import jax
     from irg_jax.config import base_config, load_config_file
     from irg_jax.parallel.mesh import build_mesh
-    from irg_jax.plan import parse_mesh
+    from irg_jax.parallel.mesh import parse_mesh
 
     train = load_config_file(args.train_config) if args.train_config else base_config()
     shape = dict(train.mesh)

@@ -4,19 +4,17 @@
         [--config.key=value ...] [--target_step_time 20] [--device_kind 'TPU v5p'] [--json plan.json]
     python -m irg_jax.plan --config configs/irgl_stage1.py --devices 8 --generation [--no_hoist]
 
-The real train step (``make_train_step(make_forward(bundle), ...)``, wired as in
-``irg_jax.train.loop.train``: same state and batch shardings, state donated) is lowered and
-compiled ahead of time on ``ShapeDtypeStruct`` inputs for ``--devices`` simulated CPU devices
+The real train step (``irg_jax.train.setup.train_setup``, the one the training loop runs:
+same state, batch and constant shardings, state donated) is lowered and compiled ahead of time on ``ShapeDtypeStruct`` inputs for ``--devices`` simulated CPU devices
 (``--xla_force_host_platform_device_count``): no parameter, optimiser or batch memory is
 allocated. The batch is one pack budget set (the largest image bucket of ``config.data``, the
 one that bounds memory) with ``config.batch_size`` packs sharded over ``('data', 'fsdp')``.
 
 Reported, per device:
 - memory from ``compiled.memory_analysis()``: arguments (state + batch + the frozen autoencoder
-  and the sin-cos tables), outputs, the donated part (aliased), temporaries and generated
-  code; peak = arguments + outputs - aliased + temporaries + code. The frozen autoencoder and
-  the tables are passed as replicated arguments here so that they are counted; the training
-  loop closes over them (XLA constants, which ``memory_analysis`` does not count).
+  and the sin-cos tables, replicated arguments as in the loop), outputs, the donated part
+  (aliased), temporaries and generated code; peak = arguments + outputs - aliased +
+  temporaries + code.
 - the state broken down by part, from the shardings (exact, no compilation involved).
 
 And per step: the analytic model FLOPs (``irg_jax.model.bagel.training_flops``), XLA's count
@@ -30,7 +28,6 @@ under-count; the table flags it and the analytic count is the one to use for MFU
 """
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -43,41 +40,29 @@ def _devices_from_argv(argv: list[str]) -> int | None:
     return None
 
 
-def simulate_host_devices(num_devices: int, environ=os.environ) -> None:
-    """Make JAX start ``num_devices`` CPU devices; call before JAX initialises its backend."""
-    flags = [f for f in environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
-    environ["JAX_PLATFORMS"] = "cpu"
-
-
-if __name__ == "__main__":  # before jax is imported below
+if __name__ == "__main__":  # before jax initialises its backend
+    from irg_jax.parallel.mesh import simulate_host_devices
     _n = _devices_from_argv(sys.argv)
     if _n:
         simulate_host_devices(_n)
 
-import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
-from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from irg_jax.data import packed_batch  # noqa: E402
 from irg_jax.model.autoencoder import build_autoencoder  # noqa: E402
 from irg_jax.model.bagel import forward_flops, training_flops  # noqa: E402
-from irg_jax.parallel.mesh import MESH_AXES, build_mesh  # noqa: E402
-from irg_jax.parallel.sharding import activation_rules, replicated_share  # noqa: E402
+from irg_jax.parallel.mesh import MESH_AXES, build_mesh, parse_mesh  # noqa: E402
+from irg_jax.parallel.memory import largest_values, shard_bytes  # noqa: E402
+from irg_jax.parallel.sharding import replicated_share  # noqa: E402
 from irg_jax.train import mfu as mfu_lib  # noqa: E402
-from irg_jax.train import model_setup  # noqa: E402
-from irg_jax.train import state as state_lib  # noqa: E402
-from irg_jax.train.optimizer import make_optimizer, step_frozen_fn  # noqa: E402
-from irg_jax.train.step import make_train_step  # noqa: E402
+from irg_jax.train.setup import train_setup  # noqa: E402
 
 GiB = 1024**3
 # Substring of a device kind (lower case) -> memory per device from data sheets, bytes.
@@ -111,20 +96,6 @@ def peak_flops(device_kind: str) -> float:
 def device_memory(device_kind: str) -> float:
     """Memory of one device of this kind in bytes (:data:`DEVICE_MEMORY`)."""
     return _lookup(DEVICE_MEMORY, device_kind, "device memory")
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"data=1,fsdp=8,tensor=1"`` -> ``{"data": 1, "fsdp": 8, "tensor": 1}`` (-1 fills the rest)."""
-    out = {}
-    for part in filter(None, text.split(",")):
-        name, sep, size = part.partition("=")
-        if not sep or name not in MESH_AXES:
-            raise ValueError(f"--mesh: expected axis=size with axis in {list(MESH_AXES)}, got {part!r}")
-        try:
-            out[name] = int(size)
-        except ValueError:
-            raise ValueError(f"--mesh: size of {name!r} must be an integer, got {size!r}") from None
-    return out
 
 
 @dataclasses.dataclass
@@ -182,92 +153,23 @@ def plan_budgets(config: ml_collections.ConfigDict) -> packed_batch.PackBudgets:
     return budgets_from_config(config.data)[-1]
 
 
-def abstract_batch(budgets: packed_batch.PackBudgets, batch_size: int, sharding) -> dict:
-    return {k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
-            for k, (shape, dtype) in packed_batch.array_specs(budgets).items()}
-
-
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def _shard_bytes(tree: Any) -> int:
-    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree)))
-
-
-def _count(tree: Any) -> int:
+def _count(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """Lower the train step on abstract inputs; returns ``(lowered, abstract_args, bundle, budgets)``.
+    """Lower the loop's train step (``irg_jax.train.setup.train_setup``) on abstract inputs;
+    returns ``(lowered, abstract_args, bundle, budgets)``.
 
-    ``abstract_args`` is ``(state, batch, autoencoder_state, tables)``, all ShapeDtypeStructs
-    with their shardings.
+    ``abstract_args`` is ``(state, batch, window, autoencoder_state, tables)``, all
+    ShapeDtypeStructs with their shardings.
     """
-    rules = tuple(tuple(r) for r in config.sharding.rules)
-    model_cfg = config.model
-    abstract_ae = nnx.eval_shape(lambda: build_autoencoder(model_cfg.autoencoder, rngs=nnx.Rngs(config.seed + 1)))
-    bundle, _ = model_setup.build(model_cfg, mesh, rules, config.seed, autoencoder=abstract_ae,
-                                  max_unshardable_mib=config.sharding.get("max_unshardable_mib"))
-    tx, schedule = make_optimizer(config, bundle.abstract_params)
-    replicated = NamedSharding(mesh, P())
-    abstract_state = jax.eval_shape(
-        lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled), bundle.abstract_params)
-    state_shardings = state_lib.shardings(abstract_state, bundle.param_shardings, replicated)
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    abstract_ae = nnx.eval_shape(lambda: build_autoencoder(config.model.autoencoder,
+                                                           rngs=nnx.Rngs(config.seed + 1)))
+    setup = train_setup(config, mesh, autoencoder=abstract_ae)
     budgets = plan_budgets(config)
-
-    ae_graphdef, ae_state = nnx.split(abstract_ae)
-    ae_shardings = jax.tree.map(lambda _: replicated, ae_state)
-    table_shardings = jax.tree.map(lambda _: replicated, bundle.consts)
-    args = (_with_shardings(abstract_state, state_shardings), abstract_batch(budgets, config.batch_size, batch_sharding),
-            _with_shardings(ae_state, ae_shardings), _with_shardings(bundle.consts, table_shardings))
-    step_frozen = step_frozen_fn(bundle.abstract_params, config.freeze)
-
-    def step(state, batch, ae_params, tables):
-        # The loop's forward and step, with the frozen AE and the tables as arguments.
-        traced = dataclasses.replace(bundle, autoencoder=nnx.merge(ae_graphdef, ae_params), consts=tables)
-        forward = model_setup.make_forward(traced)
-        return make_train_step(forward, tx, schedule, config, step_frozen)(state, batch)
-
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding, ae_shardings, table_shardings),
-                     out_shardings=(state_shardings, replicated), donate_argnums=0)
-    with jax.set_mesh(mesh), activation_rules(rules):
-        lowered = jitted.lower(*args)
-    return lowered, args, bundle, budgets
-
-
-_HLO_VALUE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\w+)\[([\d,]*)\]")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_HLO_BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, f16=2, bf16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
-
-
-def largest_values(hlo_text: str, top: int = 8) -> list[dict]:
-    """The ``top`` largest array shapes in an optimised HLO module, with how often each occurs.
-
-    Where temporaries blow up, these name the culprit (shape and the JAX op that made it).
-    They are values of the program, not a liveness analysis: not all are alive at once.
-    """
-    found: dict[tuple[str, str], dict] = {}
-    counts: collections.Counter = collections.Counter()
-    for line in hlo_text.splitlines():
-        m = _HLO_VALUE.match(line)
-        itemsize = _HLO_BYTES.get(m.group(1)) if m else None
-        if itemsize is None:
-            continue
-        key = (m.group(1), m.group(2))
-        counts[key] += 1
-        op = _OP_NAME.search(line)
-        if key not in found or (op and not found[key]["op"]):
-            dims = [int(d) for d in m.group(2).split(",") if d]
-            found[key] = dict(dtype=m.group(1), shape=dims, bytes=int(np.prod(dims)) * itemsize,
-                              op=op.group(1) if op else "")
-    out = sorted(found.values(), key=lambda v: -v["bytes"])[:top]
-    for v in out:
-        v["count"] = counts[(v["dtype"], ",".join(map(str, v["shape"])))]
-    return out
+    args = (setup.abstract_state, setup.abstract_batch(budgets), setup.abstract_window) + setup.abstract_constants()
+    return setup.lower(budgets), args, setup.bundle, budgets
 
 
 def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan:
@@ -275,7 +177,7 @@ def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan
     devices = list(jax.devices() if devices is None else devices)
     mesh = build_mesh(config.mesh, devices)
     t0 = time.perf_counter()
-    lowered, (state, batch, ae, tables), bundle, budgets = lower_train_step(config, mesh)
+    lowered, (state, batch, _, ae, tables), bundle, budgets = lower_train_step(config, mesh)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -299,9 +201,9 @@ def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan
     return StepPlan(
         num_devices=len(devices), mesh=dict(mesh.shape), batch_size=config.batch_size, budgets=budgets,
         param_count=_count(bundle.abstract_params), trainable_count=trainable,
-        state_bytes=dict(params=_shard_bytes(state.params), ema=_shard_bytes(state.ema),
-                         optimizer=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
-                         frozen_autoencoder=_shard_bytes(ae), tables=_shard_bytes(tables)),
+        state_bytes=dict(params=shard_bytes(state.params), ema=shard_bytes(state.ema),
+                         optimizer=shard_bytes(state.opt_state), batch=shard_bytes(batch),
+                         frozen_autoencoder=shard_bytes(ae), tables=shard_bytes(tables)),
         replicated_state_bytes=int(replicated_share(state, jax.tree.map(lambda x: x.sharding, state))[1]),
         memory=memory,
         analytic_flops=float(training_flops(config.model, **shapes)),
@@ -382,7 +284,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if FLAGS.mesh:
         try:
-            mesh = parse_mesh(FLAGS.mesh)
+            mesh = parse_mesh(FLAGS.mesh, "--mesh")
         except ValueError as e:
             raise app.UsageError(str(e)) from None
         with config.unlocked():

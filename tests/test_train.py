@@ -191,18 +191,13 @@ def test_restore_on_a_different_mesh(world, tmp_path):
 
 
 def _restore_params(config, workdir, step):
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from irg_jax.parallel.mesh import build_mesh
-    from irg_jax.train import checkpointing, model_setup, state as state_lib
-    from irg_jax.train.optimizer import make_optimizer
-    mesh = build_mesh(config.mesh)
-    bundle, _ = model_setup.build(config.model, mesh, tuple(tuple(r) for r in config.sharding.rules), 0)
-    tx, _ = make_optimizer(config, bundle.abstract_params)
-    abstract = jax.eval_shape(lambda p: state_lib.create(p, tx, jax.random.key(0), True), bundle.abstract_params)
-    shardings = state_lib.shardings(abstract, bundle.param_shardings, NamedSharding(mesh, P()))
+    from irg_jax.train import checkpointing
+    from irg_jax.train.setup import train_setup
+    setup = train_setup(config, build_mesh(config.mesh))
     ckpt = checkpointing.Checkpointer(workdir, config)
     try:
-        state = ckpt.restore(step, checkpointing.abstract_with_shardings(abstract, shardings), None)
+        state = ckpt.restore(step, setup.abstract_state, None)
     finally:
         ckpt.close()
     return state.params

@@ -34,7 +34,7 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ from irg_jax.inference.irg_loop import IRGProgram, InferenceConfig
 from irg_jax.model.autoencoder import build_autoencoder
 from irg_jax.model.bagel import Bagel
 from irg_jax.model.config import latent_token_dim
+from irg_jax.parallel.memory import largest_values, shard_bytes
 
 GiB = 1024**3
 PROGRAMS = ("think", "image", "reflect", "refine", "loop")
@@ -140,11 +141,6 @@ def _abstract(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
 
 
-def _shard_bytes(tree: Any) -> int:
-    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree) if hasattr(x, "sharding") and x.sharding is not None))
-
-
 class _Phases:
     """The loop's phases as separate jitted programs over the program's (abstract) state."""
 
@@ -187,7 +183,6 @@ class _Phases:
 def _memory(lowered, compiler_options: dict | None = None, weight_shapes: frozenset = frozenset()) -> ProgramMemory:
     """Compile and read the memory; the largest values are tagged ``weight`` when shaped like a
     parameter (the parameters themselves or XLA:CPU's fp32 copies of them)."""
-    from irg_jax.plan import largest_values  # lazy: irg_jax.plan may import this module
     t0 = time.perf_counter()
     compiled = lowered.compile(compiler_options=compiler_options) if compiler_options else lowered.compile()
     seconds = time.perf_counter() - t0
@@ -279,8 +274,8 @@ def plan_generation(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
 
     cache_shape = (model_cfg.llm.num_layers, rows, capacity, model_cfg.llm.num_kv_heads, model_cfg.llm.head_dim)
     cache = jax.ShapeDtypeStruct(cache_shape, jnp.dtype(model_cfg.dtype), sharding=pl.cache_sharding(cache_shape))
-    state_bytes = dict(params=_shard_bytes(params), autoencoder=_shard_bytes(program.ae_state),
-                       tables=_shard_bytes(tables), kv_cache_per_context=2 * _shard_bytes(cache))
+    state_bytes = dict(params=shard_bytes(params), autoencoder=shard_bytes(program.ae_state),
+                       tables=shard_bytes(tables), kv_cache_per_context=2 * shard_bytes(cache))
     return GenerationPlan(
         num_devices=len(devices), mesh=dict(device_mesh.shape), batch_size=batch, rows=rows,
         rows_per_device=rows // pl.data_parallel, image_size=tuple(static.image_size), num_steps=static.num_steps,
@@ -359,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
-    from irg_jax.plan import parse_mesh, simulate_host_devices
+    from irg_jax.parallel.mesh import parse_mesh, simulate_host_devices
     simulate_host_devices(args.devices)  # before JAX starts its backend
     from irg_jax.model import config as model_config
     if args.train_config:

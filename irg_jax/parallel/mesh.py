@@ -1,6 +1,7 @@
 """Build the device mesh from config: axes ``data``, ``fsdp``, ``tensor``, all ``AxisType.Auto``."""
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import jax
@@ -38,3 +39,24 @@ def build_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = 
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(shape, len(devices))
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def parse_mesh(text: str, flag: str = "--mesh") -> dict[str, int]:
+    """``"data=1,fsdp=8,tensor=1"`` -> ``{"data": 1, "fsdp": 8, "tensor": 1}`` (-1 fills the rest)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, sep, size = part.partition("=")
+        if not sep or name not in MESH_AXES:
+            raise ValueError(f"{flag}: expected axis=size with axis in {list(MESH_AXES)}, got {part!r}")
+        try:
+            out[name] = int(size)
+        except ValueError:
+            raise ValueError(f"{flag}: size of {name!r} must be an integer, got {size!r}") from None
+    return out
+
+
+def simulate_host_devices(num_devices: int, environ=os.environ) -> None:
+    """Make JAX start ``num_devices`` CPU devices; call before JAX initialises its backend."""
+    flags = [f for f in environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
+    environ["JAX_PLATFORMS"] = "cpu"

@@ -1,7 +1,10 @@
 """The training loop: build, (re)start, step, log, checkpoint. Short on purpose.
 
 Everything configurable lives in the config; everything reusable lives in its own
-module (model_setup, step, optimizer, checkpointing, metrics, mfu, export).
+module (setup: model, state, shardings and the jitted step, shared with the planner and the
+benches; checkpointing, metrics, mfu, export). Between log and checkpoint steps the loop reads
+nothing back from the devices (the step sums its metrics on device; implicit transfers are
+disallowed around it).
 
 Multi-process (``jax.distributed``, see ``irg_jax.runtime``): every process runs this loop
 over the same global arrays and takes part in every step, checkpoint save and restore, sample
@@ -20,24 +23,20 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from irg_jax import runtime
 from irg_jax.config import resume as resume_lib
 from irg_jax.model.bagel import training_flops
 from irg_jax.parallel.mesh import build_mesh
-from irg_jax.parallel.sharding import activation_rules, replicated_share
+from irg_jax.parallel.sharding import replicated_share
 from irg_jax.inference.runner import check_tokenizer
-from irg_jax.train import checkpointing, export, init_from, model_setup
+from irg_jax.train import checkpointing, export, init_from
 from irg_jax.train import mfu as mfu_lib
-from irg_jax.train import state as state_lib
-from irg_jax.train.metrics import AVERAGED, MetricWriter, ProgressLine, TrainMetrics
-from irg_jax.train.optimizer import make_optimizer, step_frozen_fn
+from irg_jax.train.metrics import MetricWriter, ProgressLine
 from irg_jax.train.samples import TrainingSamples
-from irg_jax.train.step import make_train_step
+from irg_jax.train.setup import AVERAGED, train_setup
 
 
 class NonFiniteError(RuntimeError):
@@ -72,25 +71,33 @@ class _NonFiniteGuard:
     """Logs skipped (non-finite) updates; raises after ``max_consecutive`` in a row.
 
     The step skips an update whose loss, gradient norm or new parameters are not finite, so the
-    state (and every checkpoint) stays the last good one."""
+    state (and every checkpoint) stays the last good one. The step counts the skipped steps in its
+    metrics window (``irg_jax.train.setup``); this reads the window at log and checkpoint steps
+    only (no host sync in between), and always before a checkpoint is written."""
 
     def __init__(self, max_consecutive: int, ckpt: checkpointing.Checkpointer):
         self.max_consecutive, self.ckpt = max_consecutive, ckpt
+        self._reported = -1  # the last skipped step already logged
 
-    def check(self, step: int, metrics: dict) -> None:
-        streak = int(metrics["nonfinite_streak"])
-        if not streak:
+    def check(self, window: dict, streak: int) -> None:
+        """``window``: the fetched window (host values); ``streak``: the last step's streak."""
+        skipped, last = int(window["skipped"]), int(window["last_skipped"])
+        if not skipped or last == self._reported:
             return
-        logging.warning("step %d: non-finite loss, gradient or update; update skipped (%d in a row)", step, streak)
-        if streak >= self.max_consecutive:
+        self._reported = last
+        logging.warning("%d non-finite loss, gradient or update in the %d steps to step %d; updates skipped "
+                        "(the last at step %d, %d in a row now)", skipped, int(window["steps"]),
+                        int(window["iteration"]), last, streak)
+        stop = int(window["stop_at"])
+        if stop >= 0:
             self.ckpt.wait()
             latest = self.ckpt.manager.latest_step()
             where = (f"the latest checkpoint, step {latest} in {self.ckpt.directory}, holds the last good state"
                      if latest is not None else f"no checkpoint was saved yet in {self.ckpt.directory}")
-            first = step - streak + 1
+            first = stop - self.max_consecutive + 1
             raise NonFiniteError(
-                f"{streak} consecutive non-finite steps at step {step} (steps {first}-{step} skipped; the "
-                f"parameters are those after step {first - 1}); {where}")
+                f"{self.max_consecutive} consecutive non-finite steps at step {stop} (steps {first}-{stop} skipped; "
+                f"the parameters are those after step {first - 1}); {where}")
 
 
 def step_flops(config: ml_collections.ConfigDict, budgets) -> float:
@@ -105,29 +112,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from irg_jax.data.tokenizer import load_tokenizer
 
     mesh = build_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
     primary = runtime.is_primary()
     writer = MetricWriter(workdir, enabled=primary)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
-    bundle, init_params = model_setup.build(config.model, mesh, rules, config.seed,
-                                            autoencoder=init_from.load_autoencoder(config),
-                                            max_unshardable_mib=config.sharding.get("max_unshardable_mib"))
-    tx, schedule = make_optimizer(config, bundle.abstract_params)
-    replicated = NamedSharding(mesh, P())
-    abstract_state = jax.eval_shape(
-        lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled), bundle.abstract_params)
-    state_shardings = state_lib.shardings(abstract_state, bundle.param_shardings, replicated)
-    held, copied = replicated_share(abstract_state, state_shardings)
+    setup = train_setup(config, mesh, autoencoder=init_from.load_autoencoder(config))
+    setup.place_constants()
+    bundle = setup.bundle
+    held, copied = replicated_share(setup.abstract_state, setup.state_shardings)
     logging.info("train state: %.2f GiB per device, of which %.2f GiB (%.1f%%) fully replicated",
                  held / 2**30, copied / 2**30, 100 * copied / max(held, 1))
 
     tokenizer = load_tokenizer(config.data.tokenizer_path)
     check_tokenizer(tokenizer, config.model, f"config.data.tokenizer_path={config.data.tokenizer_path}")
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     data_iter, budgets = pipeline.make_train_iterator(
         config.data, config.model, tokenizer, seed=config.seed, batch_size=config.batch_size,
-        sharding=batch_sharding)
+        sharding=setup.batch_sharding)
     logging.info("data: process %d of %d builds batch rows [%d, %d) of %d", jax.process_index(), jax.process_count(),
                  data_iter.rows[0], data_iter.rows[-1] + 1, config.batch_size)
     # The first cross-process collectives follow: start them together (see runtime.SyncedJit).
@@ -138,21 +138,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for note in resume_lib.check_resume(ckpt.saved_config(start), config, start, workdir):
             logging.warning("%s", note)
         logging.info("resuming from step %d in %s", start, ckpt.directory)
-        state = ckpt.restore(start, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
-                             data_iter)
+        state = ckpt.restore(start, setup.abstract_state, data_iter)
     else:
         start = 0
         params = (init_from.load_params(config.checkpoint, bundle, mesh, data_cfg=config.data)
-                  if config.checkpoint.init_from else init_params())
-        create = lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled)
-        with jax.set_mesh(mesh):
-            state = jax.jit(create, out_shardings=state_shardings, donate_argnums=0)(params)
+                  if config.checkpoint.init_from else setup.init_params())
+        state = setup.create_state(params)
 
-    forward = model_setup.make_forward(bundle)
-    step_fn = runtime.SyncedJit(jax.jit(
-        make_train_step(forward, tx, schedule, config, step_frozen_fn(bundle.abstract_params, config.freeze)),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-        donate_argnums=0), "train_step")
+    step_fn = runtime.SyncedJit(setup.step, "train_step")
     if primary:  # the start-up checks passed: record the config this run trains with
         written = resume_lib.record(config, workdir, start)
         logging.info("resolved config written to %s" if written else "resolved config unchanged (%s)",
@@ -166,50 +159,51 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sigterm = _Sigterm()
     last: dict = {}
     flops_per_step = step_flops(config, budgets[-1])
-    window_t0, window_steps, window_tokens, window = time.perf_counter(), 0, 0.0, None
-    guard, pending = _NonFiniteGuard(config.nan_guard.max_consecutive, ckpt), None
+    guard = _NonFiniteGuard(config.nan_guard.max_consecutive, ckpt)
     samples = TrainingSamples(config, bundle, tokenizer, workdir, writer, mesh) if config.sample_every else None
+    window, window_t0, metrics = setup.new_window(start), time.perf_counter(), None
+    checked = True  # False while the window holds steps the non-finite guard has not seen
     stopped = False
     try:
-        with jax.set_mesh(mesh), activation_rules(rules):
+        with setup.active():
             for step in range(start, config.total_steps):
-                batch = next(data_iter)
-                state, metrics = step_fn(state, batch)
-                window_steps += 1
-                window_tokens += metrics["real_tokens"]  # stays on device until logged
-                averages = TrainMetrics.single_from_model_output(**{k: metrics[k] for k in AVERAGED})
-                window = averages if window is None else window.merge(averages)
+                # Between sync points nothing is read back: an implicit transfer here is an error.
+                with jax.transfer_guard("disallow"):
+                    batch = next(data_iter)
+                    state, window, metrics = step_fn(state, batch, window, *setup.constants)
+                checked = False
                 done = step + 1
-                # Check the previous step's guard while this one runs (no host sync per step).
-                if pending:
-                    guard.check(*pending)
-                pending = (done, metrics)
-                if done % config.log_every == 0 or done == config.total_steps:
-                    guard.check(*pending)
-                    pending = None
-                    jax.block_until_ready(state)
+                log_step = done % config.log_every == 0 or done == config.total_steps
+                save_step = done % config.checkpoint_every == 0 or done == config.total_steps
+                if log_step or save_step:
+                    # The one read-back between sync points: the window and the last step's metrics.
+                    host_window, host_metrics = jax.device_get((window, metrics))
+                    guard.check(host_window, int(host_metrics["nonfinite_streak"]))
+                    checked = True
+                if log_step:
                     elapsed = time.perf_counter() - window_t0
-                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    scalars.update({k: float(v) for k, v in window.compute().items()})  # window means
+                    n = int(host_window["steps"])
+                    scalars = {k: float(v) for k, v in host_metrics.items()}
+                    sums = host_window["sums"]
+                    scalars.update({k: float(sums[k]) / n for k in AVERAGED})  # window means
                     scalars.update(
-                        step_time=elapsed / window_steps, tokens_per_s=float(window_tokens) / elapsed,
-                        mfu=mfu_lib.mfu(flops_per_step, elapsed / window_steps, peak, peak_devices),
-                        nonfinite_total=int(state.nonfinite_total), compilations=step_fn.num_compiled,
-                        **data_iter.metrics())
+                        step_time=elapsed / n, tokens_per_s=float(sums["real_tokens"]) / elapsed,
+                        mfu=mfu_lib.mfu(flops_per_step, elapsed / n, peak, peak_devices),
+                        nonfinite_total=int(jax.device_get(state.nonfinite_total)),
+                        compilations=step_fn.num_compiled, **data_iter.metrics())
                     writer.write(done, scalars)
                     progress.log(done, scalars)
                     last = scalars
-                    window_t0, window_steps, window_tokens, window = time.perf_counter(), 0, 0.0, None
+                    window, window_t0 = setup.new_window(done), time.perf_counter()
                 if samples and done % config.sample_every == 0:
                     samples(done, state.ema or state.params)
-                save_step = done % config.checkpoint_every == 0 or done == config.total_steps
-                stopped = sigterm.stop(sync_point=save_step or done % config.log_every == 0)
+                stopped = sigterm.stop(sync_point=save_step or log_step)
                 # A failed asynchronous save stops the run here (a flag read while one runs).
-                ckpt.poll(sync_point=save_step or done % config.log_every == 0)
+                ckpt.poll(sync_point=save_step or log_step)
                 if save_step or stopped:
-                    if pending:  # never checkpoint past an unchecked step
-                        guard.check(*pending)
-                        pending = None
+                    if not checked:  # never checkpoint past a step the non-finite guard has not seen
+                        host_window, host_metrics = jax.device_get((window, metrics))
+                        guard.check(host_window, int(host_metrics["nonfinite_streak"]))
                     ckpt.save(done, state, data_iter, force=True)
                 if stopped:
                     break

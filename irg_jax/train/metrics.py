@@ -1,24 +1,12 @@
-"""Metric aggregation (clu.metrics) and writers: metrics.jsonl, TensorBoard, a console line."""
+"""Metric writers: metrics.jsonl, TensorBoard, a console line (the step sums the metrics on
+device: ``irg_jax.train.setup``)."""
 
 import json
 import pathlib
 import time
 
-import flax
 import numpy as np
 from absl import logging
-from clu import metrics as clu_metrics
-
-
-AVERAGED = ("loss", "ce", "mse", "grad_norm")  # logged as means over the steps since the last log
-
-
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-    loss: clu_metrics.Average.from_output("loss")
-    ce: clu_metrics.Average.from_output("ce")
-    mse: clu_metrics.Average.from_output("mse")
-    grad_norm: clu_metrics.Average.from_output("grad_norm")
 
 
 class MetricWriter:
