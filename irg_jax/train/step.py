@@ -76,24 +76,31 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, schedu
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u, f: jnp.where(f, jnp.zeros_like(u), u), updates, frozen)
-        new_params = optax.apply_updates(state.params, updates)
-        # A finite loss and gradient can still give a non-finite update (e.g. a huge learning
-        # rate): check the parameters about to be applied too (one reduction per leaf).
-        finite = finite & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
-        if state.ema:
-            decay = ema_decay_at(state.step, ema_decay, ema_warmup)
-            new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new_params)
-        else:
-            new_ema = state.ema
+        def updated(params, opt_state, ema):
+            """The optimiser update and the EMA: (new params, new optimiser state, new EMA)."""
+            updates, new_opt = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u, f: jnp.where(f, jnp.zeros_like(u), u), updates, frozen)
+            new_params = optax.apply_updates(params, updates)
+            if ema:
+                decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+                ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, new_params)
+            return new_params, new_opt, ema
 
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        # A finite loss and gradient can still give a non-finite update (e.g. a huge learning
+        # rate): the new parameters are checked before anything is applied. The check is a
+        # reduction over the update computed on the fly (nothing of the state's size is kept);
+        # the update itself then runs inside a cond, so the old state is read and overwritten
+        # in one place. (Selecting between full new and old trees instead kept both alive:
+        # 1.5 GiB more per device in the 7B plan at 8 devices.)
+        probe = updated(state.params, state.opt_state, state.ema)[0]
+        finite = finite & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(probe)]))
+        new_params, new_opt, new_ema = jax.lax.cond(finite, updated, lambda *old: old,
+                                                    state.params, state.opt_state, state.ema)
         new_state = state.replace(
             step=state.step + jnp.where(finite, 1, 0).astype(jnp.int32),
-            params=keep(new_params, state.params),
-            ema=keep(new_ema, state.ema),
-            opt_state=keep(new_opt, state.opt_state),
+            params=new_params,
+            ema=new_ema,
+            opt_state=new_opt,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
             nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
         )
