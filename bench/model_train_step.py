@@ -4,7 +4,7 @@
         [--layers N] [--dtype float32|bfloat16] [--image_px 32] [--text_len 24]
 
 Each pack is one IRG-style document (think text, noisy target image, its clean copy,
-a ViT view of it, reflection text), built with ``irg_jax.model.segment_pack``. The
+a ViT view of it, reflection text), built with ``tests/_segment_pack.py``. The
 model FLOPs are the analytic matmul count (``irg_jax.model.bagel.training_flops``:
 3x the forward, one expert per token); XLA's own count of the compiled step is shown
 for comparison. The reference is a square fp32 matmul timed in the same process.
@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the pack builder is a test helper (tests/_segment_pack.py)
 from irg_jax.model import config as model_config  # noqa: E402
 from irg_jax.model.bagel import Bagel, forward_flops  # noqa: E402
 from irg_jax.model.config import latent_token_dim  # noqa: E402
-from irg_jax.model.segment_pack import pack_from_segments  # noqa: E402
+from _segment_pack import pack_from_segments  # noqa: E402
 
 
 def demo_pack(cfg, image_px: int = 32, text_len: int = 24):

@@ -23,12 +23,14 @@ from irg_jax.convert.safetensors_stream import SafetensorsSource, write_streamed
 from irg_jax.convert.plan import build_plan, validate
 from irg_jax.convert.to_orbax import tokenizer_problems
 from irg_jax.model import config as model_config
-from irg_jax.model import bagel_keys
+from irg_jax.convert import bagel_keys
 from irg_jax.model.bagel import Bagel, gather_latent_tokens
-from irg_jax.model.embeddings import patchify_latents, sincos_2d_table
-from irg_jax.model.official_pack import pack_from_official
+from irg_jax.data.transforms import patchify
+from irg_jax.model.embeddings import sincos_2d_table
+from _official_pack import pack_from_official
 from irg_jax.parallel.mesh import build_mesh
-from irg_jax.train import export, init_from, model_setup
+from irg_jax.convert import params_dir
+from irg_jax.train import init_from, model_setup
 
 SIZES = dict(hidden=48, layers=3, heads=6, kv_heads=3, inter=80, vocab=96, vit_hidden=24, vit_heads=2,
              vit_inter=40, vit_layers=2, patch=14, vit_side=4, max_latent=5, latent_patch=2)
@@ -140,7 +142,7 @@ def _ref_a_batch(fixture, cfg):
     pack, budgets, storage = pack_from_official(
         ref, [s["split_lens"] for s in plan["samples"]], [s["attn_modes"] for s in plan["samples"]],
         timestep_shift=cfg.latent.timestep_shift, pixels_per_token=px)
-    tokens = patchify_latents(np.transpose(ref["padded_latent"], (0, 2, 3, 1)), cfg.latent.patch_size)
+    tokens = patchify(np.transpose(ref["padded_latent"], (0, 2, 3, 1)), cfg.latent.patch_size)
     x0 = gather_latent_tokens(jnp.asarray(tokens.reshape(1, -1, tokens.shape[-1])),
                               jnp.asarray(pack["latent_src"])[None])
     noise = jnp.asarray(ref["noise"])[None]
@@ -154,7 +156,7 @@ def test_fixture_converts_and_reproduces_reference_a(fixture, tmp_path):
     from irg_jax.inference.runner import load_export
     mesh = build_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     dst = convert.bagel_to_orbax(fixture, tmp_path / "ckpt", mesh=mesh, progress=False)
-    cfg = export.load_model_config(dst)
+    cfg = params_dir.load_model_config(dst)
     assert cfg.vit.num_layers == json.loads((fixture / "vit_config.json").read_text())["num_hidden_layers"] - 1
     assert json.loads((dst / "export.json").read_text())["dtype"] == "float32"
 
@@ -174,7 +176,7 @@ def test_fixture_converts_and_reproduces_reference_a(fixture, tmp_path):
 def test_converted_fixture_loads_through_training_init_from(fixture, tmp_path):
     """``checkpoint.init_from`` kind 'params' restores the converted tree sharded, unchanged."""
     dst = convert.bagel_to_orbax(fixture, tmp_path / "ckpt", progress=False)
-    cfg = export.load_model_config(dst)
+    cfg = params_dir.load_model_config(dst)
     mesh = build_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     bundle, _ = model_setup.build(cfg, mesh, (("embed", "fsdp"),), seed=0,
                                   autoencoder=convert.load_autoencoder_for(dst, cfg))
@@ -199,7 +201,7 @@ def test_random_fp32_scan_round_trip_is_exact(fixture, random_state, tmp_path):
     src = write_bagel_folder(tmp_path / "src", fixture, random_state)
     cli.main(cli._parse(["x", "bagel-to-orbax", str(src), str(tmp_path / "ckpt"), "--scan-layers", "--no-progress"]))
     ckpt = tmp_path / "ckpt"
-    cfg = export.load_model_config(ckpt)
+    cfg = params_dir.load_model_config(ckpt)
     assert cfg.scan_layers and (ckpt / "ae.safetensors").is_file()
     assert (cfg.llm.num_layers, cfg.llm.num_heads, cfg.llm.num_kv_heads, cfg.llm.head_dim) == (3, 6, 3, 8)
 
@@ -244,7 +246,7 @@ def test_training_export_to_bagel(tmp_path):
     abstract = nnx.split(nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)[1].to_pure_dict()
     rng = np.random.default_rng(3)
     params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
-    export.save_params(tmp_path / "export", params, cfg, {"source": "ema", "step": 7, "dtype": "float32"})
+    params_dir.save_params(tmp_path / "export", params, cfg, {"source": "ema", "step": 7, "dtype": "float32"})
     out = convert.orbax_to_bagel(tmp_path / "export", tmp_path / "bagel", progress=False)
     back_cfg = model_config.from_bagel_dir(out)
     _assert_same_config(back_cfg, cfg)

@@ -20,7 +20,7 @@ from irg_jax import convert
 from irg_jax.convert import __main__ as cli
 from irg_jax.convert import to_bagel
 from irg_jax.convert.plan import build_plan
-from irg_jax.train import export
+from irg_jax.convert import params_dir
 from test_convert import SIZES, random_bagel_state, write_config_jsons
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def write_sharded_source(folder, fixture, tensors, n=3, stem="model"):
 
 
 def _params_on_host(ckpt):
-    cfg = export.load_model_config(ckpt)
+    cfg = params_dir.load_model_config(ckpt)
     plan = build_plan(cfg)
     return to_bagel.restore_on_host(ckpt, plan, jnp.float32)
 

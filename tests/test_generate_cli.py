@@ -11,10 +11,11 @@ from flax import nnx
 from PIL import Image
 
 from irg_jax import generate
+from irg_jax.inference import cli
 from irg_jax.data.tokenizer import WordTokenizer
 from irg_jax.model import config as model_config
 from irg_jax.model.bagel import Bagel
-from irg_jax.train.export import save_params
+from irg_jax.convert.params_dir import save_params
 
 
 # The sampling flags of the CLI test; tests/test_generate_sharded.py runs the same bucket on the same
@@ -83,15 +84,15 @@ def test_generate_cli_writes_turns_and_results(tmp_path):
 def test_mesh_flags(tmp_path):
     from irg_jax.config import FSDP_TENSOR_RULES
     p = argparse.ArgumentParser()
-    generate.add_sampling_flags(p)
+    cli.add_sampling_flags(p)
     args = p.parse_args(["--checkpoint", "x", "--mesh", "data=2,fsdp=-1", "--rules", "fsdp_tensor"])
-    mesh, rules = generate.mesh_and_rules(args)
+    mesh, rules = cli.mesh_and_rules(args)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1} and rules == FSDP_TENSOR_RULES
-    mesh, _ = generate.mesh_and_rules(p.parse_args(["--checkpoint", "x"]))  # the training default: all on fsdp
+    mesh, _ = cli.mesh_and_rules(p.parse_args(["--checkpoint", "x"]))  # the training default: all on fsdp
     assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
     for bad in ("data=3,fsdp=4", "pipeline=2"):
         with pytest.raises(ValueError, match="mesh"):
-            generate.mesh_and_rules(p.parse_args(["--checkpoint", "x", "--mesh", bad]))
+            cli.mesh_and_rules(p.parse_args(["--checkpoint", "x", "--mesh", bad]))
 
 
 def _cli(argv, capsys):

@@ -16,10 +16,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from irg_jax import generate, runtime
+from irg_jax import runtime
+from irg_jax.inference import cli
 from irg_jax.data.tokenizer import WordTokenizer
 from irg_jax.inference import runner as runner_lib
-from irg_jax.train.export import save_params, tokenizer_files
+from irg_jax.convert.params_dir import save_params, tokenizer_files
 from test_generate_cli import tiny_export
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -83,10 +84,10 @@ def test_setup_compilation_cache_after_import(tmp_path, monkeypatch):
 def test_a_new_runner_on_the_same_export_shares_the_compiled_program(tmp_path):
     export = tiny_export(tmp_path)
     p = argparse.ArgumentParser()
-    generate.add_sampling_flags(p)
+    cli.add_sampling_flags(p)
     args = p.parse_args(["--checkpoint", str(export), *SMALL])
-    from irg_jax.train.export import load_model_config
-    icfg = generate.inference_config(args, load_model_config(export))
+    from irg_jax.convert.params_dir import load_model_config
+    icfg = cli.inference_config(args, load_model_config(export))
     first = runner_lib.from_checkpoint(export, icfg, 3)
     want = first.run_batch(["draw it", "a red square"], [0, 1], seed=2)
     assert first.program._shared.traces >= 1  # traced here, or by an earlier test in this process

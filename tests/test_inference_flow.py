@@ -16,9 +16,10 @@ from safetensors.numpy import load_file
 
 from irg_jax.inference import feedback, flow
 from irg_jax.inference.irg_loop import generate_latents, prefix_view
-from irg_jax.model import ae_keys, config as model_config, kv_cache
-from irg_jax.model.bagel_keys import load_bagel
-from irg_jax.model.embeddings import patchify_latents
+from irg_jax.convert import ae_keys
+from irg_jax.model import config as model_config, kv_cache
+from irg_jax.convert.bagel_keys import load_bagel
+from irg_jax.data.transforms import patchify
 from irg_jax.model.kv_cache import KVCache
 
 
@@ -191,7 +192,7 @@ def _replay_contexts(model, cfg, r, plan):
         elif step["kind"] == "vae_image":
             m, n = r["I1_vae_moments"], r["I1_vae_posterior_noise"]
             z = cfg.autoencoder.scale_factor * (m[:, :16] + np.exp(0.5 * m[:, 16:]) * n - cfg.autoencoder.shift_factor)
-            lat = patchify_latents(np.transpose(z, (0, 2, 3, 1)), cfg.latent.patch_size)
+            lat = patchify(np.transpose(z, (0, 2, 3, 1)), cfg.latent.patch_size)
             cache = append_vae(model, cache, both(lat[0]), both(r[nn + "packed_vae_position_ids"]), active)
         else:
             cache = append_vit(model, cache, both(r["I1_vit_packed_vit_tokens"]),

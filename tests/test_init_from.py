@@ -14,7 +14,8 @@ from irg_jax import convert
 from irg_jax.model.bagel import Bagel
 from irg_jax.model import config as model_config
 from irg_jax.parallel.mesh import build_mesh
-from irg_jax.train import checkpointing, export, init_from, model_setup
+from irg_jax.convert import params_dir
+from irg_jax.train import checkpointing, init_from, model_setup
 from irg_jax.train import state as state_lib
 
 RULES = (("embed", "fsdp"),)
@@ -41,7 +42,7 @@ def _ckpt_cfg(path, kind):
 
 def test_converted_checkpoint_records_every_model_value(fixtures_dir, converted):
     """model_config.json holds the values of the BAGEL json files (not the defaults of a builder)."""
-    recorded = export.load_model_config(converted)
+    recorded = params_dir.load_model_config(converted)
     bagel = json.loads((fixtures_dir / "bagel_tiny" / "bagel_config.json").read_text())
     llm = json.loads((fixtures_dir / "bagel_tiny" / "llm_config.json").read_text())
     assert recorded.llm.rope_theta == llm["rope_theta"] and recorded.llm.rms_norm_eps == llm["rms_norm_eps"]
@@ -57,13 +58,13 @@ def test_converted_checkpoint_records_every_model_value(fixtures_dir, converted)
 
 def test_params_init_from_names_every_model_value_that_differs(converted, mesh):
     """Same shapes, other values: refused, naming each value; the recorded config itself loads."""
-    cfg = export.load_model_config(converted)
+    cfg = params_dir.load_model_config(converted)
     data = ml_collections.ConfigDict({"max_latent_size": cfg.latent.max_latent_size,
                                       "vit_max_patches_per_side": cfg.vit.max_patches_per_side})
     params = init_from.load_params(_ckpt_cfg(converted, "params"), _bundle(cfg, mesh)[0], mesh, data_cfg=data)
     assert params["decoder"]["embed_tokens"]["embedding"].shape == (cfg.llm.vocab_size, cfg.llm.hidden_size)
 
-    wrong = export.load_model_config(converted)
+    wrong = params_dir.load_model_config(converted)
     wrong.llm.rope_theta = 10000.0
     wrong.llm.rms_norm_eps = 1e-5
     wrong.special_ids.eos = 299
@@ -82,7 +83,7 @@ def test_params_init_from_names_every_model_value_that_differs(converted, mesh):
 
 def test_params_init_from_names_values_and_shapes(converted, mesh):
     """Another ViT grid and MLP width: the values and the shapes they change, together."""
-    wrong = export.load_model_config(converted)
+    wrong = params_dir.load_model_config(converted)
     wrong.vit.max_patches_per_side = 8
     wrong.llm.intermediate_size = 96
     with pytest.raises(init_from.InitFromMismatch) as e:

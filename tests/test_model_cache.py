@@ -8,7 +8,7 @@ from flax import nnx
 from irg_jax.model import config as model_config, kv_cache
 from irg_jax.model.bagel import Bagel
 from irg_jax.model.config import latent_token_dim
-from irg_jax.model.segment_pack import pack_from_segments
+from _segment_pack import pack_from_segments
 
 
 @pytest.fixture(scope="module")

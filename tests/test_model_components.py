@@ -7,12 +7,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from irg_jax.data.transforms import patchify
 from irg_jax.model import embeddings as emb
-from irg_jax.model.ae_keys import ae_config_from_json, autoencoder_from_tensors, load_autoencoder
+from irg_jax.convert.ae_keys import ae_config_from_json, autoencoder_from_tensors, load_autoencoder
 from irg_jax.model.autoencoder import FluxAutoEncoder, IdentityAutoEncoder, build_autoencoder, single_head_attention
-from irg_jax.model.param_loading import build_from_arrays
+from irg_jax.convert.param_loading import build_from_arrays
 from irg_jax.model.vit import Connector, SiglipEncoder, vit_pos_embed_table
-from irg_jax.model.vit_keys import load_vit_and_connector
+from irg_jax.convert.vit_keys import load_vit_and_connector
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -64,13 +65,13 @@ def test_timestep_features_and_embedder(tiny, ema):
 def test_patchify_conventions(tiny):
     d = np.load(tiny / "ref_d_tables.npz")
     image = d["patchify_image"].transpose(1, 2, 0)[None]
-    np.testing.assert_array_equal(emb.patchify_images(image, 14)[0], d["patchify_p14"])
+    np.testing.assert_array_equal(patchify(image, 14)[0], d["patchify_p14"])
     z = d["latent_patchify_input"].transpose(1, 2, 0)[None]
-    tokens = emb.patchify_latents(jnp.asarray(z), 2)
+    tokens = patchify(jnp.asarray(z), 2)
     np.testing.assert_array_equal(tokens[0], d["latent_patchify_output"])
     np.testing.assert_array_equal(emb.unpatchify_latents(tokens, 2, 3, 2, 16), z)
     with pytest.raises(ValueError, match="not divisible"):
-        emb.patchify_images(np.zeros((1, 30, 28, 3)), 14)
+        patchify(np.zeros((1, 30, 28, 3)), 14)
 
 
 def test_flux_autoencoder_matches_reference_c(tiny, ae):

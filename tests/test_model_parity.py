@@ -18,10 +18,11 @@ from irg_jax.data import packed_batch as pb
 from irg_jax.model import attention, config as model_config, kv_cache
 from irg_jax.model.attention import TokenMeta
 from irg_jax.model.bagel import gather_latent_tokens
-from irg_jax.model.bagel_keys import bagel_to_params, load_bagel, params_to_bagel
+from irg_jax.convert.bagel_keys import bagel_to_params, load_bagel, params_to_bagel
 from irg_jax.model.decoder import rope_tables
-from irg_jax.model.embeddings import patchify_latents
-from irg_jax.model.official_pack import pack_from_official
+from irg_jax.data.transforms import patchify
+from irg_jax.train import loss as loss_lib
+from _official_pack import pack_from_official
 
 
 def assert_close(name, ours, ref, tol=1e-4):
@@ -63,7 +64,7 @@ def ref_a(tiny):
                                   vit_len=exact.vit_len + 2, ce_len=exact.ce_len + 3)
     pack, budgets, storage = pack_from_official(ref, splits, modes, timestep_shift=cfg.latent.timestep_shift,
                                                 pixels_per_token=px, budgets=budgets)
-    tokens = patchify_latents(np.transpose(ref["padded_latent"], (0, 2, 3, 1)), cfg.latent.patch_size)
+    tokens = patchify(np.transpose(ref["padded_latent"], (0, 2, 3, 1)), cfg.latent.patch_size)
     tokens = tokens.reshape(1, -1, tokens.shape[-1])
     x0 = gather_latent_tokens(jnp.asarray(tokens), jnp.asarray(pack["latent_src"])[None])
     g = len(ref["packed_vae_token_indexes"])
@@ -139,13 +140,11 @@ def test_training_forward_parity(tiny, ref_a):
 
 
 def _loss(model, batch, x0, noise):
+    """The training loss (``irg_jax.train.loss``: CE and MSE sums over their token counts), weights 1."""
     out = model(batch, x0, noise)
-    logp = jax.nn.log_softmax(out["ce_logits"], axis=-1)
-    ce = -jnp.take_along_axis(logp, batch["ce_labels"][..., None], axis=-1)[..., 0]
-    ce = jnp.sum(ce * batch["ce_valid"]) / jnp.sum(batch["ce_valid"])
-    mse = jnp.mean(jnp.square(out["velocity"] - out["target"]), axis=-1)
-    mse = jnp.sum(mse * batch["latent_noisy"]) / jnp.sum(batch["latent_noisy"])
-    return ce + mse
+    n_ce, n_mse = loss_lib.token_counts(batch)
+    ce = loss_lib.ce_sum(out["ce_logits"], batch["ce_labels"], batch["ce_valid"]) / n_ce
+    return ce + loss_lib.mse_sum(out["velocity"], out["target"], batch["latent_noisy"]) / n_mse
 
 
 def _grads(model, batch, x0, noise):
@@ -263,7 +262,7 @@ def test_inference_parity(tiny):
             segments[row].append(step["input"])
         elif step["kind"] == "vae_image":
             key = step["input"]
-            lat = patchify_latents(latent_from_moments(ref[f"{key}_vae_moments"], ref[f"{key}_vae_posterior_noise"],
+            lat = patchify(latent_from_moments(ref[f"{key}_vae_moments"], ref[f"{key}_vae_posterior_noise"],
                                                        cfg.autoencoder), cfg.latent.patch_size)
             cache = append_vae(model, cache, both(lat[0]), both(ref[nn + "packed_vae_position_ids"]), active)
             segments[row].append(f"{key}(VAE)")
@@ -313,7 +312,7 @@ def test_inference_parity(tiny):
 
 def test_x0_tokens_from_autoencoder(tiny, ref_a):
     """The training loop's path: AE-encode the padded image batch, patchify, gather by latent_src."""
-    from irg_jax.model.ae_keys import load_autoencoder
+    from irg_jax.convert.ae_keys import load_autoencoder
     from irg_jax.model.bagel import latent_tokens
 
     folder, cfg, _, _ = tiny

@@ -12,9 +12,9 @@ from safetensors.numpy import load_file
 from irg_jax.config import DEFAULT_RULES
 from irg_jax.model import config as model_config
 from irg_jax.model.bagel import forward_flops, gather_latent_tokens, param_count
-from irg_jax.model.bagel_keys import load_bagel
-from irg_jax.model.embeddings import patchify_latents
-from irg_jax.model.official_pack import pack_from_official
+from irg_jax.convert.bagel_keys import load_bagel
+from irg_jax.data.transforms import patchify
+from _official_pack import pack_from_official
 from irg_jax.parallel.mesh import build_mesh
 from irg_jax.parallel.sharding import activation_rules, replicated_fraction, state_shardings
 
@@ -29,7 +29,7 @@ def setup(fixtures_dir):
     pack, budgets, _ = pack_from_official(
         ref, [s["split_lens"] for s in plan["samples"]], [s["attn_modes"] for s in plan["samples"]],
         timestep_shift=cfg.latent.timestep_shift, pixels_per_token=cfg.autoencoder.downsample * cfg.latent.patch_size)
-    tokens = patchify_latents(np.transpose(ref["padded_latent"], (0, 2, 3, 1)), cfg.latent.patch_size)
+    tokens = patchify(np.transpose(ref["padded_latent"], (0, 2, 3, 1)), cfg.latent.patch_size)
     x0 = gather_latent_tokens(jnp.asarray(tokens.reshape(1, -1, tokens.shape[-1])), jnp.asarray(pack["latent_src"])[None])
     return cfg, tensors, pack, budgets, x0, ref
 

@@ -17,7 +17,7 @@ from irg_jax.data.tokenizer import WordTokenizer
 from irg_jax.data.trajectories import MODES, SECTION_FINAL_PROMPT, read_records_jsonl
 from irg_jax.model import config as model_config
 from irg_jax.model.bagel import Bagel
-from irg_jax.train.export import save_params
+from irg_jax.convert.params_dir import save_params
 from irg_jax.verify import verify_image
 
 CFG = WorldConfig(jitter=0.0)

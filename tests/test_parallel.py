@@ -11,6 +11,17 @@ from irg_jax.parallel import sharding
 from irg_jax.parallel.mesh import build_mesh, resolve_mesh_shape
 
 
+def sharded_init(create, mesh, rules) -> nnx.Module:
+    """``create()`` made directly in its sharded layout: abstract state from ``eval_shape``, its
+    shardings from the rules, the state made by one jit with those ``out_shardings`` (no device
+    holds it whole), as ``irg_jax.train.model_setup.build`` makes the model's parameters."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+    shardings = sharding.state_shardings(abstract_state, mesh, rules)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
 @pytest.mark.parametrize("shape, want", [
     ({"data": 1, "fsdp": -1, "tensor": 1}, (1, 8, 1)),
     ({"data": 2, "fsdp": 4, "tensor": 1}, (2, 4, 1)),
@@ -74,7 +85,7 @@ def test_sharded_forward_equals_single_device(mesh_shape):
     with jax.default_device(jax.devices()[0]):
         ref = _forward(TwoLayerMLP(64, 256, nnx.Rngs(0)), x)
     mesh = build_mesh(mesh_shape)
-    model = sharding.sharded_init(lambda: TwoLayerMLP(64, 256, nnx.Rngs(0)), mesh, DEFAULT_RULES)
+    model = sharded_init(lambda: TwoLayerMLP(64, 256, nnx.Rngs(0)), mesh, DEFAULT_RULES)
     with jax.set_mesh(mesh), sharding.activation_rules(DEFAULT_RULES):
         xs = jax.device_put(x, jax.NamedSharding(mesh, P(("data", "fsdp"))))
         out = _forward(model, xs)
@@ -86,7 +97,7 @@ def test_sharded_forward_equals_single_device(mesh_shape):
 
 def test_fsdp_bytes_per_device():
     mesh = build_mesh({"fsdp": 8})
-    model = sharding.sharded_init(lambda: TwoLayerMLP(256, 1024, nnx.Rngs(0)), mesh, DEFAULT_RULES)
+    model = sharded_init(lambda: TwoLayerMLP(256, 1024, nnx.Rngs(0)), mesh, DEFAULT_RULES)
     state = nnx.state(model)
     leaves = jax.tree.leaves(state)
     total = sum(l.size * l.dtype.itemsize for l in leaves)

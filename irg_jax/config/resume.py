@@ -25,7 +25,7 @@ import ml_collections
 # Keys (or key prefixes, whole dotted components) that may change when a run resumes.
 ALLOWED_ON_RESUME: tuple[str, ...] = (
     "total_steps", "log_every", "checkpoint_every", "sample_every", "sampling",
-    "checkpoint.keep", "checkpoint.async_save", "nan_guard", "compilation_cache",
+    "checkpoint.keep", "checkpoint.async_save", "nan_guard",
     "mesh", "sharding",                      # restore reshards onto any mesh
     "model.remat", "model.remat_policy", "model.mlp_chunk", "model.ce_chunk", "model.attention",
     "data.fail_fast",

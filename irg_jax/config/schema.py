@@ -69,5 +69,4 @@ def base_config() -> ml_collections.ConfigDict:
         "init_from_kind": "",  # "params" (converted/exported params) or "train_state" (EMA of a run)
     })
     c.nan_guard = ml_collections.ConfigDict({"max_consecutive": 5})
-    c.compilation_cache = ".cache/jax"
     return c

@@ -3,7 +3,7 @@
   python -m irg_jax.convert bagel-to-orbax SRC_DIR DST_DIR [--dtype float32|bfloat16] [--scan-layers]
   python -m irg_jax.convert orbax-to-bagel CKPT_DIR DST_DIR [--dtype float32|bfloat16] [--max-shard-mib MIB]
 
-The key mapping is :mod:`irg_jax.model.bagel_keys`; :mod:`.plan` lays it out per tensor and
+The key mapping is :mod:`irg_jax.convert.bagel_keys`; :mod:`.plan` lays it out per tensor and
 validates a source before any data is read; :mod:`.to_orbax` and :mod:`.to_bagel` stream
 one tensor at a time (:mod:`.safetensors_stream`; sharded files with an index json:
 :mod:`.shards`). Bad input raises :class:`ConvertError` (the CLI prints it, exit status 2).

@@ -10,7 +10,7 @@ import pathlib
 
 from flax import nnx
 
-from irg_jax.model import ae_keys
+from irg_jax.convert import ae_keys
 from irg_jax.model.autoencoder import build_autoencoder
 
 AE_FILE = "ae.safetensors"

@@ -1,7 +1,7 @@
 """Which BAGEL tensor fills which parameter, and the checks run on a source before reading data.
 
 The key mapping itself (names, transposes, per-head reshapes, ``_moe_gen`` copies) is
-:func:`irg_jax.model.bagel_keys.key_rules`; this module lays it out for streaming: one
+:func:`irg_jax.convert.bagel_keys.key_rules`; this module lays it out for streaming: one
 :class:`Move` per source tensor, naming the parameter (and, with ``scan_layers``, the
 layer slice of the stacked parameter) it fills, with both shapes known up front.
 
@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from irg_jax.convert.errors import ConvertError
-from irg_jax.model import bagel_keys, vit_keys
+from irg_jax.convert import bagel_keys, vit_keys
 from irg_jax.model.bagel import Bagel
 from irg_jax.model.config import latent_token_dim
 

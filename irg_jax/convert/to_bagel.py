@@ -36,7 +36,7 @@ from irg_jax.convert.shards import stale_weight_files, write_sharded
 from irg_jax.convert.to_orbax import DTYPES, SOURCE_CONFIG_DIR
 from irg_jax.model.config import latent_token_dim
 from irg_jax.model.embeddings import sincos_2d_table
-from irg_jax.train import export
+from irg_jax.convert import params_dir
 
 WEIGHTS_OUT = "ema.safetensors"
 WEIGHTS_STEM = "ema"  # shards: ema-0000i-of-0000n.safetensors + ema.safetensors.index.json
@@ -117,7 +117,7 @@ def restore_on_host(ckpt: pathlib.Path, plan: plan_lib.Plan, stored_dtype) -> di
     keys = {p: tuple(map(str, p)) for p in plan.params}
     abstract = plan.nested({keys[p]: jax.ShapeDtypeStruct(s.shape, stored_dtype) for p, s in plan.params.items()})
     shardings = plan.nested({keys[p]: cpu for p in plan.params})
-    tree = export.restore_params(ckpt, abstract, shardings, dtype=stored_dtype)
+    tree = params_dir.restore_params(ckpt, abstract, shardings, dtype=stored_dtype)
     out = {}
     for p, key in keys.items():
         node = tree
@@ -156,7 +156,7 @@ def orbax_to_bagel(ckpt_dir, dst_dir, *, dtype: str = "float32", include_tables:
         raise ConvertError(f"the maximum shard size must be positive, got {max_shard_bytes} bytes")
     ckpt, dst = pathlib.Path(ckpt_dir), pathlib.Path(dst_dir)
     try:
-        model_cfg = export.load_model_config(ckpt)
+        model_cfg = params_dir.load_model_config(ckpt)
     except json.JSONDecodeError as e:
         raise ConvertError(f"{ckpt / 'model_config.json'}: not valid JSON ({e})") from None
     representable(model_cfg, ckpt)

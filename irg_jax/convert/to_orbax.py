@@ -9,7 +9,7 @@ Reads from SRC:
   tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, ...)
 
 Writes DST in the layout of :mod:`irg_jax.train.export` (``params/``, ``model_config.json``,
-``export.json``, ``tokenizer/``; read back by ``export.load_model_config`` and
+``export.json``, ``tokenizer/``; read back by ``params_dir.load_model_config`` and
 ``restore_params``, hence by training's ``init_from`` kind 'params'), plus
 ``ae.safetensors`` (FLUX names, see :func:`irg_jax.convert.load_autoencoder_for`) and
 ``bagel_configs/`` (the source json files, reused by ``orbax-to-bagel``).
@@ -39,7 +39,7 @@ from irg_jax.convert.autoencoder_file import AE_FILE
 from irg_jax.convert.errors import ConvertError
 from irg_jax.convert.safetensors_stream import SafetensorsSource
 from irg_jax.convert.shards import ShardedSource, index_name, open_weights
-from irg_jax.model import ae_keys
+from irg_jax.convert import ae_keys
 from irg_jax.model import config as config_lib
 from irg_jax.model.embeddings import sincos_2d_table
 from irg_jax.parallel import sharding as sharding_lib
@@ -156,7 +156,7 @@ def _read_converted(source: SafetensorsSource | ShardedSource, move: plan_lib.Mo
 def write_params_tree(directory: pathlib.Path, params: dict) -> None:
     """Write ``params`` as ``DIR/params`` of the :mod:`irg_jax.train.export` layout, lean on memory.
 
-    Same Orbax pytree format as ``export.save_params`` (``restore_params`` reads it), but
+    Same Orbax pytree format as ``params_dir.save_params`` (``restore_params`` reads it), but
     numpy leaves are written without Orbax's defensive deep copy and chunks are stored
     uncompressed: zstd on OCDBT holds about one more copy of the data in host memory
     while writing (measured), and trained weights barely compress.

@@ -127,18 +127,16 @@ def bucket_for(buckets: Sequence[tuple[int, int]], height: int, width: int) -> i
     return best
 
 
-def largest_bucket(buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket that contains every other one (config validation guarantees it exists)."""
-    return max(buckets, key=lambda b: b[0] * b[1])
-
-
-def patchify(image_hwc: np.ndarray, patch: int) -> np.ndarray:
-    """``[H, W, C]`` -> ``[(H/p)*(W/p), p*p*C]``; patch n = gy*(W/p)+gx, feature (py*p+px)*C+c."""
-    h, w, c = image_hwc.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch}")
-    x = image_hwc.reshape(h // patch, patch, w // patch, patch, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape((h // patch) * (w // patch), patch * patch * c)
+def patchify(x, p: int):
+    """``[..., H, W, C]`` -> ``[..., (H/p)*(W/p), p*p*C]``: patch n = gy*(W/p)+gx (row-major over
+    the patch grid), feature (py*p+px)*C+c. The one patch order of the project (ViT patches,
+    latent tokens, the autoencoder's space-to-depth); numpy and jax arrays alike."""
+    *lead, h, w, c = x.shape
+    if h % p or w % p:
+        raise ValueError(f"spatial size {h}x{w} is not divisible by patch size {p}")
+    n = len(lead)
+    x = x.reshape(*lead, h // p, p, w // p, p, c).transpose(*range(n), n, n + 2, n + 1, n + 3, n + 4)
+    return x.reshape(*lead, (h // p) * (w // p), p * p * c)
 
 
 def grid_position_ids(height: int, width: int, patch: int, max_per_side: int) -> np.ndarray:

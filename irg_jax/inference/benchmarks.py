@@ -26,14 +26,13 @@ file is written; one-line errors, ``--debug``) and its persistent compilation ca
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
 import sys
 from typing import Callable, Iterator
 
-from irg_jax import generate
+from irg_jax.inference import cli
 
 Writer = Callable[[object], None]  # PromptResult -> files
 
@@ -174,7 +173,7 @@ def run_benchmark(runner, benchmark: str, data: pathlib.Path, out: pathlib.Path,
     multi-process JAX every process runs the generations; process 0 writes the files."""
     jobs = benchmark_jobs(benchmark, data, out, samples=samples, turn=turn, model_name=model_name)
     runner.check_prompts([j.prompt for j in jobs], [j.where for j in jobs])
-    primary = generate.is_writer()
+    primary = cli.is_writer()
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         if benchmark == "geneval":
@@ -185,21 +184,21 @@ def run_benchmark(runner, benchmark: str, data: pathlib.Path, out: pathlib.Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = generate.ArgumentParser(prog="python -m irg_jax.inference.benchmarks", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m irg_jax.inference.benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("benchmark", choices=("geneval", "wise", "tiif"))
     p.add_argument("--data", required=True, help="GenEval metadata jsonl, WISE final_data.json, TIIF jsonl or dir")
     p.add_argument("--out", required=True)
     p.add_argument("--samples", type=int, default=4, help="geneval: images per prompt")
     p.add_argument("--turn", type=int, default=0, help="geneval/wise: turn whose image is scored (0 = last)")
     p.add_argument("--model_name", default="IRG-JAX", help="tiif: folder name under <type>/")
-    generate.add_sampling_flags(p)
+    cli.add_sampling_flags(p)
     args = p.parse_args(argv)
-    return generate.run_cli(p.prog, args.debug, lambda: _main(args))
+    return cli.run_cli(p.prog, args.debug, lambda: _main(args))
 
 
 def _main(args) -> int:
     from irg_jax import runtime
-    generate.start_up(args)
+    cli.start_up(args)
     data, out = pathlib.Path(args.data), pathlib.Path(args.out)
     if not data.exists():
         raise FileNotFoundError(f"--data {data}: no such file or directory")
@@ -207,10 +206,10 @@ def _main(args) -> int:
     jobs = benchmark_jobs(args.benchmark, data, out, **kw)
     with runtime.CompileStats() as compiles:
         # the prompts are checked here before the parameters are restored, and again before any file is written
-        runner = generate.build_runner(args, prompts=[j.prompt for j in jobs], where=[j.where for j in jobs])
-        settings = generate.settings_record(runner, args.seed)
+        runner = cli.build_runner(args, prompts=[j.prompt for j in jobs], where=[j.where for j in jobs])
+        settings = cli.settings_record(runner, args.seed)
         n = run_benchmark(runner, args.benchmark, data, out, seed=args.seed, settings=settings, **kw)
-    if generate.is_writer():
+    if cli.is_writer():
         print(f"{args.benchmark}: wrote {n} generations to {out}", file=sys.stderr)
         print(compiles.summary(), file=sys.stderr)
     return 0

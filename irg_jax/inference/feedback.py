@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from irg_jax.data.transforms import grid_position_ids, irg_target_size
-from irg_jax.model.embeddings import patchify_images, patchify_latents, unpatchify_latents
+from irg_jax.data.transforms import grid_position_ids, irg_target_size, patchify
+from irg_jax.model.embeddings import unpatchify_latents
 
 IRG_VIT_MAX_SIZE, IRG_VIT_MIN_SIZE = 980, 224
 
@@ -101,7 +101,7 @@ def decode_latents(ae, tokens: jax.Array, grid: ImageGrid, model_cfg) -> jax.Arr
 
 def vae_tokens(ae, u8: jax.Array, posterior_noise, model_cfg) -> jax.Array:
     """uint8 images [B, H, W, 3] -> clean latent tokens [B, N, D_lat] (sampled posterior)."""
-    return patchify_latents(ae.encode(to_unit_range(u8), posterior_noise), model_cfg.latent.patch_size)
+    return patchify(ae.encode(to_unit_range(u8), posterior_noise), model_cfg.latent.patch_size)
 
 
 def vit_patches(u8: jax.Array, grid: ImageGrid, patch_size: int) -> jax.Array:
@@ -110,4 +110,4 @@ def vit_patches(u8: jax.Array, grid: ImageGrid, patch_size: int) -> jax.Array:
     if (grid.vit_height, grid.vit_width) != (grid.height, grid.width):
         shape = (x.shape[0], grid.vit_height, grid.vit_width, 3)
         x = jnp.clip(jnp.round(jax.image.resize(x, shape, "bicubic", antialias=True)), 0, 255)
-    return patchify_images(to_unit_range(x), patch_size)
+    return patchify(to_unit_range(x), patch_size)

@@ -272,8 +272,9 @@ def image_phase(model, ae, static: StaticSettings, dyn: DynamicSettings, branche
 
 
 def reflect_phase(model, ae, static: StaticSettings, dyn: DynamicSettings, cond: KVCache, image: jax.Array,
-                  row_keys, round_: int) -> tuple[KVCache, Prefix, jax.Array, Generated]:
-    """Feed image r back (clean VAE copy, ViT copy) and sample the reflection.
+                  row_keys, round_: int, reflection=None) -> tuple[KVCache, Prefix, jax.Array, Generated]:
+    """Feed image r back (clean VAE copy, ViT copy) and sample the reflection, or prefill a given
+    one (``reflection``: segments (ids [B, width], lengths [B]) as for a given think 1).
 
     Returns (cond cache, its prefix before the reflection = the text-uncond context, the
     fed-back latent tokens, the reflection)."""
@@ -288,6 +289,10 @@ def reflect_phase(model, ae, static: StaticSettings, dyn: DynamicSettings, cond:
         cond = constrain_cache(kv_cache.append_vit_image(
             model, cond, feedback.vit_patches(image, grid, cfg.vit.patch_size), vit_pos))
     before_reflection = Prefix.of(cond)
+    if reflection is not None:
+        cond, _ = kv_cache.append_text(model, cond, *reflection)
+        return constrain_cache(cond), before_reflection, fed_back, given_think(cfg, *reflection,
+                                                                               static.max_think_tokens)
     cond, think = generate_segment(model, cond, _row_keys(row_keys, 10 * round_), max_tokens=static.max_think_tokens,
                                    settings=TextSampling(dyn.temperature, static.top_k, static.top_p))
     return constrain_cache(cond), before_reflection, fed_back, think
@@ -459,11 +464,6 @@ def row_keys_for(seed: int, indices: list[int]) -> jax.Array:
     """Per-row PRNG keys: fold_in(key(seed), global index) — independent of batch composition."""
     base = jax.random.key(seed)
     return jnp.stack([jax.random.fold_in(base, int(i)) for i in indices])
-
-
-def think_texts(tokenizer, gen: Generated) -> list[str]:
-    ids, lens = np.asarray(gen.ids), np.asarray(gen.length)
-    return [tokenizer.decode(ids[i, :lens[i]].tolist()) for i in range(len(lens))]
 
 
 def as_host(turns: list[Turn]) -> list[dict[str, Any]]:

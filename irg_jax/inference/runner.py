@@ -28,7 +28,7 @@ from irg_jax.inference import feedback, irg_loop
 from irg_jax.inference.placement import Placement
 from irg_jax.model.bagel import Bagel
 from irg_jax.parallel.sharding import state_shardings
-from irg_jax.train.export import load_model_config, restore_params
+from irg_jax.convert.params_dir import load_model_config, restore_params
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ attention block in the middle, ``len(ch_mult) - 1`` resolution changes. Downsamp
 pads right/bottom by one and applies a 3x3 stride-2 conv; upsample is nearest x2 and a
 3x3 conv. The encoder emits 2*z channels (mean, logvar); ``encode`` samples the
 posterior and returns ``scale * (z - shift)``; ``decode`` inverts that scaling.
-Parameter names mirror the FLUX state dict (see :mod:`irg_jax.model.ae_keys`).
+Parameter names mirror the FLUX state dict (see :mod:`irg_jax.convert.ae_keys`).
 """
 from __future__ import annotations
 

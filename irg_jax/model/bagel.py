@@ -26,7 +26,8 @@ from irg_jax.model.autoencoder import FluxAutoEncoder, posterior_eps
 from irg_jax.model.attention import TokenMeta
 from irg_jax.model.config import latent_token_dim
 from irg_jax.model.decoder import Decoder
-from irg_jax.model.embeddings import Linear, TimestepEmbedder, patchify_latents, sincos_2d_table
+from irg_jax.data.transforms import patchify
+from irg_jax.model.embeddings import Linear, TimestepEmbedder, sincos_2d_table
 from irg_jax.model.vit import Connector, SiglipEncoder
 from irg_jax.parallel.sharding import constrain
 
@@ -213,11 +214,11 @@ def latent_tokens(ae, vae_images: jax.Array, posterior_noise, patch_size: int) -
         noise = constrain(jnp.swapaxes(eps, 0, 1), (None, "batch", None, None, None))
 
         def encode(xs):
-            return patchify_latents(ae.encode(xs[0], xs[1]), patch_size)
+            return patchify(ae.encode(xs[0], xs[1]), patch_size)
 
         tokens = jax.lax.map(encode, (images, noise))  # [N, B, T, D_lat]
     else:
-        tokens = jax.lax.map(lambda x: patchify_latents(ae.encode(x, noise), patch_size), images)
+        tokens = jax.lax.map(lambda x: patchify(ae.encode(x, noise), patch_size), images)
     tokens = constrain(jnp.swapaxes(tokens, 0, 1), ("batch", None, None, None))
     return tokens.reshape(b, -1, tokens.shape[-1])
 

@@ -1,4 +1,4 @@
-"""Shared building blocks: the Linear layer, 2-D sin-cos tables, timestep features, patchify.
+"""Shared building blocks: the Linear layer, 2-D sin-cos tables, timestep features, space-to-depth.
 
 Conventions (pinned by tests/fixtures/bagel_tiny Reference D):
   * a patch vector is ordered (py, px, c), channel fastest, patches row-major;
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from irg_jax.data.transforms import patchify
 from irg_jax.parallel.sharding import constrain, param
 
 Initializer = Callable[..., jax.Array]
@@ -100,12 +101,9 @@ class TimestepEmbedder(nnx.Module):
 
 
 def space_to_depth(x, p: int):
-    """[N, H, W, C] -> [N, H/p, W/p, p*p*C] with the vector ordered (py, px, c)."""
+    """[N, H, W, C] -> [N, H/p, W/p, p*p*C] with the vector ordered (py, px, c) (:func:`patchify`'s order)."""
     n, h, w, c = x.shape
-    if h % p or w % p:
-        raise ValueError(f"spatial size {h}x{w} is not divisible by patch size {p}")
-    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h // p, w // p, p * p * c)
+    return patchify(x, p).reshape(n, h // p, w // p, p * p * c)
 
 
 def depth_to_space(x, p: int, channels: int):
@@ -115,21 +113,6 @@ def depth_to_space(x, p: int, channels: int):
         raise ValueError(f"vector width {d} != {p}*{p}*{channels}")
     x = x.reshape(n, h, w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(n, h * p, w * p, channels)
-
-
-def patchify_images(images, p: int):
-    """Images [N, H, W, 3] -> ViT patch vectors [N, (H/p)*(W/p), p*p*3], ordered (py, px, c).
-
-    Works on numpy and jax arrays alike; patches are row-major over the patch grid.
-    """
-    x = space_to_depth(images, p)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-def patchify_latents(z, p: int = 2):
-    """Latents [N, Hl, Wl, C] -> tokens [N, (Hl/p)*(Wl/p), p*p*C], ordered (py, px, c), row-major."""
-    x = space_to_depth(z, p)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def unpatchify_latents(tokens, h: int, w: int, p: int, channels: int):

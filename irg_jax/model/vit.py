@@ -120,7 +120,7 @@ class SiglipEncoder(nnx.Module):
     """Patch embedding + learned positions, ``vit_cfg.num_layers`` blocks, post-LayerNorm.
 
     ``vit_cfg.num_layers`` is the number of layers actually run and stored (the
-    official vit_config.json lists one more; see :func:`irg_jax.model.vit_keys`).
+    official vit_config.json lists one more; see :func:`irg_jax.convert.vit_keys`).
 
     ``attention``: a ``model.attention`` config (default: the dense reference). With
     ``scan``, the blocks run as one ``lax.scan`` over their parameters stacked inside the

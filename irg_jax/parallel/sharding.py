@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import contextvars
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -117,33 +117,6 @@ def replicated_share(abstract: Any, shardings: Any) -> tuple[float, float]:
         if sh.is_fully_replicated and len(sh.device_set) > 1:
             replicated += nbytes
     return per_device, replicated
-
-
-def tree_shardings(tree: Any, axes_tree: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
-    """NamedShardings for a plain pytree given a matching pytree of logical-axis tuples."""
-    return jax.tree.map(
-        lambda x, names: NamedSharding(mesh, logical_to_spec(names, rules, np.shape(x), mesh)),
-        tree, axes_tree, is_leaf=lambda n: n is None or isinstance(n, tuple))
-
-
-def sharded_init(create: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, rules: Rules) -> nnx.Module:
-    """Create a module directly in its sharded layout.
-
-    ``eval_shape`` gives the abstract state, the rules give its shardings, and the
-    state is created by a jit with those ``out_shardings``: no device or host ever
-    holds the full state.
-    """
-    abstract = nnx.eval_shape(create)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
-
-    @jax.jit
-    def make():
-        return nnx.split(create())[1]
-
-    with jax.set_mesh(mesh):
-        state = jax.jit(make, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
 
 
 def replicated_fraction(state: Any) -> float:

@@ -20,7 +20,7 @@ from absl import logging
 
 from irg_jax.convert.autoencoder_file import AE_FILE, load_autoencoder_for
 from irg_jax.model import config as model_config
-from irg_jax.train import export
+from irg_jax.convert import params_dir
 
 
 class InitFromMismatch(ValueError):
@@ -185,16 +185,16 @@ def load_params(ckpt_cfg: ml_collections.ConfigDict, bundle, mesh: jax.sharding.
     if ckpt_cfg.init_from_kind == "params":
         check_params_source(path, bundle, data_cfg)
         with jax.set_mesh(mesh):
-            return export.restore_params(path, bundle.abstract_params, bundle.param_shardings)
+            return params_dir.restore_params(path, bundle.abstract_params, bundle.param_shardings)
 
     step, recorded, stored, source = _train_state_source(path)
     check_source(f"{path} (step {step}, {source})", recorded, stored, bundle, data_cfg)
     if source != "ema":
         logging.warning("checkpoint.init_from=%s: step %d has no EMA; starting from its raw params", path, step)
     # Orbax stores dict keys as strings (layer indices included): restore with string keys.
-    abstract = export.keys_to_str(bundle.abstract_params)
+    abstract = params_dir.keys_to_str(bundle.abstract_params)
     target = jax.tree.map(lambda a, s, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=s),
-                          abstract, export.keys_to_str(bundle.param_shardings), export.keys_to_str(stored))
+                          abstract, params_dir.keys_to_str(bundle.param_shardings), params_dir.keys_to_str(stored))
     with jax.set_mesh(mesh):
         manager = ocp.CheckpointManager(path.absolute() / "checkpoints")
         try:
@@ -204,4 +204,4 @@ def load_params(ckpt_cfg: ml_collections.ConfigDict, bundle, mesh: jax.sharding.
         finally:
             manager.close()
         params = jax.tree.map(lambda x, a: x.astype(a.dtype), restored["state"][source], abstract)
-    return export.keys_like(params, bundle.abstract_params)
+    return params_dir.keys_like(params, bundle.abstract_params)

@@ -9,7 +9,7 @@ stacked into ``decoder/layers/...`` on a leading axis. Conversions:
   bias (H, head_dim), o (H, head_dim, D);
 * the und expert reads the plain names, the gen expert the ``_moe_gen`` copies, and the
   final norms are ``norm`` (und) and ``norm_moe_gen`` (gen);
-* SigLIP and connector keys follow :mod:`irg_jax.model.vit_keys`; the ViT patch
+* SigLIP and connector keys follow :mod:`irg_jax.convert.vit_keys`; the ViT patch
   embedding is already stored in Linear form, input ordered (py, px, c);
 * the sin-cos tables ``latent_pos_embed.pos_embed`` / ``vit_pos_embed.pos_embed`` are
   rebuilt from the config, never loaded: when present they are only compared with the
@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from irg_jax.model import vit_keys
+from irg_jax.convert import vit_keys
 from irg_jax.model.bagel import Bagel
 from irg_jax.model.embeddings import sincos_2d_table
-from irg_jax.model.param_loading import param_paths
+from irg_jax.convert.param_loading import param_paths
 from irg_jax.model.vit import Connector, SiglipEncoder
 
 LLM = "language_model.model."

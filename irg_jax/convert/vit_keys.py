@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from irg_jax.model.param_loading import build_from_arrays, check_all_used, param_paths
+from irg_jax.convert.param_loading import build_from_arrays, check_all_used, param_paths
 from irg_jax.model.vit import Connector, SiglipEncoder
 
 VIT_PREFIX = "vit_model.vision_model."

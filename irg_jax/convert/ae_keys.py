@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from irg_jax.model.autoencoder import FluxAutoEncoder
-from irg_jax.model.param_loading import build_from_arrays, check_all_used, param_paths
+from irg_jax.convert.param_loading import build_from_arrays, check_all_used, param_paths
 
 _LEAF_TO_SOURCE = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
