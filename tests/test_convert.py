@@ -239,7 +239,7 @@ def test_random_bf16_source_round_trip_and_table_warning(fixture, random_state, 
 
 
 def test_training_export_to_bagel(tmp_path):
-    """A params export written by training (export.save_params, no source json) exports to a
+    """A params export written by training (params_dir.save_params, no source json) exports to a
     BAGEL folder whose generated json files give back the config and whose tensors map back
     to the same parameters through the model's in-memory key mapping."""
     cfg = model_config.tiny()

@@ -8,7 +8,7 @@ Reads from SRC:
   ae.safetensors                                               FLUX autoencoder (copied as-is)
   tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, ...)
 
-Writes DST in the layout of :mod:`irg_jax.train.export` (``params/``, ``model_config.json``,
+Writes DST in the layout of :mod:`irg_jax.convert.params_dir` (``params/``, ``model_config.json``,
 ``export.json``, ``tokenizer/``; read back by ``params_dir.load_model_config`` and
 ``restore_params``, hence by training's ``init_from`` kind 'params'), plus
 ``ae.safetensors`` (FLUX names, see :func:`irg_jax.convert.load_autoencoder_for`) and
@@ -154,7 +154,7 @@ def _read_converted(source: SafetensorsSource | ShardedSource, move: plan_lib.Mo
 
 
 def write_params_tree(directory: pathlib.Path, params: dict) -> None:
-    """Write ``params`` as ``DIR/params`` of the :mod:`irg_jax.train.export` layout, lean on memory.
+    """Write ``params`` as ``DIR/params`` of the :mod:`irg_jax.convert.params_dir` layout, lean on memory.
 
     Same Orbax pytree format as ``params_dir.save_params`` (``restore_params`` reads it), but
     numpy leaves are written without Orbax's defensive deep copy and chunks are stored

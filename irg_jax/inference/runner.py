@@ -48,7 +48,7 @@ class PromptResult:
 
 def load_export(directory: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                 rules=None) -> tuple[Bagel, object]:
-    """(model, autoencoder) from an export directory (``irg_jax.train.export`` layout).
+    """(model, autoencoder) from an export directory (``irg_jax.convert.params_dir`` layout).
 
     With a ``mesh``, every parameter is restored directly into its sharding under ``rules``
     (default: the training default), so no device ever holds the whole model."""
