@@ -10,8 +10,8 @@ Layout of an export directory (what ``irg_jax.generate --checkpoint`` reads, and
     DIR/tokenizer/      optional: the tokenizer's files only (:func:`tokenizer_files`: tokenizer.json
                         and its companions, or a word-vocabulary json)
 
-Multi-process: :func:`save_params` must be called by every process (Orbax writes the parameter shards collectively); the small files are written by
-process 0 only.
+Multi-process: :func:`save_params` must be called by every process (Orbax writes the parameter
+shards collectively); the small files are written by process 0 only.
 """
 from __future__ import annotations
 
