@@ -14,7 +14,13 @@ It runs the project's real entry points one after the other, each as its own pro
 6. ``irg_jax.generate``         the IRG loop (think, image 1, reflection, image 2) on held-out
                                 prompts (turn 2 from ``--refine_start``), for the trained model
                                 (``samples_per_prompt`` runs each) and the untrained one (once each);
-7. ``irg_jax.verify``           verifier accuracy of turn 1 and turn 2.
+7. ``irg_jax.verify``           verifier accuracy of turn 1 and turn 2;
+8. ``irg_jax.given_reflection``  turn 2 again with the verifier's findings on image 1 given as
+                                the reflection (teacher-forced; same think 1, image 1 and noise),
+                                then ``irg_jax.verify`` on it.
+
+The report takes the refinement apart: turn 2 with the model's own reflection, turn 2 with the
+verifier's reflection, and how often the model's reflection agrees with the verifier.
 
 DIR then holds ``report.md``, ``report.json`` and ``grid.png`` (prompt, think 1, image 1,
 reflection, image 2 per row). Re-running resumes: finished stages are skipped (training
@@ -71,9 +77,12 @@ class DemoPlan:
     cfg_text: float = 1.5
     cfg_img: float = 1.0
     grid_rows: int = 8
+    # The world's system prompt (irg_jax.data.synthetic --system-prompt): "tiny" (6 words) instead
+    # of "short" (33 words), which was a third of every initial sample's tokens.
+    system_prompt: str = "tiny"
 
 
-FULL = DemoPlan(trajectories=4000, stage1_steps=600, stage2_steps=200, prompts=120, samples_per_prompt=2,
+FULL = DemoPlan(trajectories=4000, stage1_steps=700, stage2_steps=200, prompts=120, samples_per_prompt=2,
                 baseline_prompts=24, flow_steps=20, max_think_tokens=160, own_images=400)
 QUICK = DemoPlan(trajectories=800, stage1_steps=40, stage2_steps=15, prompts=16, samples_per_prompt=1,
                  baseline_prompts=8, flow_steps=10, max_think_tokens=160, own_images=32)
@@ -122,9 +131,11 @@ def train_args(stage: int, world: pathlib.Path, workdir: pathlib.Path, steps: in
             f"--config.total_steps={steps}", f"--config.seed={seed}", *overrides]
 
 
-def generate_args(export: pathlib.Path, prompts: pathlib.Path, out: pathlib.Path, image_px: int,
+def generate_args(export: pathlib.Path, prompts: pathlib.Path | None, out: pathlib.Path, image_px: int,
                   system_prompt: pathlib.Path, plan: DemoPlan, seed: int) -> list[str]:
-    return ["--checkpoint", str(export), "--prompts", str(prompts), "--out", str(out),
+    """Flags of ``irg_jax.generate`` (``prompts`` None: the sampling flags and ``--out`` only, for
+    ``irg_jax.given_reflection``)."""
+    return ["--checkpoint", str(export), *(["--prompts", str(prompts)] if prompts else []), "--out", str(out),
             "--image_size", str(image_px), "--num_steps", str(plan.flow_steps),
             "--max_think_tokens", str(plan.max_think_tokens), "--system_prompt", f"@{system_prompt}",
             "--batch_size", "8", "--seed", str(seed), "--timestep_shift", str(plan.timestep_shift),
@@ -179,6 +190,78 @@ def reflection_agreement(samples: pathlib.Path, scores: dict) -> dict:
     return cells
 
 
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))  # detokenised spacing does not matter
+
+
+def _findings_sentence(reflection: str) -> str:
+    """The first section of a reflection: what it says about image 1."""
+    return reflection.split("###")[0].replace("<think>", " ").strip()
+
+
+def refinement_breakdown(own: pathlib.Path, own_scores: dict, given: pathlib.Path, given_scores: dict) -> dict:
+    """Turn 2 taken apart, over the runs scored in both ``own`` and ``given``.
+
+    ``own_reflection``: turn 2 after the model's own reflection (the IRG loop as run);
+    ``verifier_reflection``: turn 2 of the same runs with the verifier's findings on image 1
+    given as the reflection (``irg_jax.given_reflection``); for each, the runs whose image
+    1 / image 2 pass and the runs turn 2 fixed or broke. ``agreement``: the model's reflection
+    against the verifier — the same verdict (says image 1 already matches exactly when the
+    verifier passes it) and the same findings (its first section holds the verifier's)."""
+    from irg_jax.data.synthetic_text import fill
+    matches = _words(fill("correct"))
+    by_folder = {r["folder"]: r for r in given_scores["prompts"] if "turn2" in r}
+    rows = {k: dict(runs=0, image1_passed=0, image2_passed=0, fixed=0, broken=0)
+            for k in ("own_reflection", "verifier_reflection")}
+    agree = dict(runs=0, same_verdict=0, same_findings=0, passed_says_matches=0, passed=0,
+                 failed_names_defect=0, failed=0)
+    for run in own_scores["prompts"]:
+        other = by_folder.get(run["folder"])
+        if "turn2" not in run or other is None:
+            continue
+        p1 = bool(run["turn1"]["passed"])
+        for key, r in (("own_reflection", run), ("verifier_reflection", other)):
+            row, p2 = rows[key], bool(r["turn2"]["passed"])
+            row["runs"] += 1
+            row["image1_passed"] += bool(r["turn1"]["passed"])
+            row["image2_passed"] += p2
+            row["fixed"] += (not r["turn1"]["passed"]) and p2
+            row["broken"] += bool(r["turn1"]["passed"]) and not p2
+        said = _words((own / run["folder"] / "turn2.txt").read_text(encoding="utf-8"))
+        truth = _findings_sentence((given / run["folder"] / "turn2.txt").read_text(encoding="utf-8"))
+        says_matches = matches in said
+        agree["runs"] += 1
+        agree["same_verdict"] += says_matches == p1
+        agree["same_findings"] += _words(truth) in said
+        agree["passed"] += p1
+        agree["passed_says_matches"] += p1 and says_matches
+        agree["failed"] += not p1
+        agree["failed_names_defect"] += (not p1) and not says_matches
+    for row in rows.values():
+        row["accuracy_turn1"] = row["image1_passed"] / max(row["runs"], 1)
+        row["accuracy_turn2"] = row["image2_passed"] / max(row["runs"], 1)
+    return {**rows, "agreement": agree}
+
+
+def refinement_lines(ref: dict) -> list[str]:
+    """The report's three turn-2 rows."""
+    a = ref["agreement"]
+    lines = ["", "## Refinement taken apart (trained model)", "",
+             "Share of runs whose image passes every constraint (the runs' own verdicts, not the per-category "
+             "mean above). Both turn-2 rows start from the same think 1, image 1 and noise; only the "
+             "reflection differs.", "",
+             "| turn 2 | runs | image 1 passes | image 2 passes | fixed | broken |", "|---|---|---|---|---|---|"]
+    for key, name in (("own_reflection", "with the model's own reflection"),
+                      ("verifier_reflection", "with the verifier's findings as the reflection (teacher-forced)")):
+        r = ref[key]
+        lines.append(f"| {name} | {r['runs']} | {r['image1_passed']} ({r['accuracy_turn1']:.3f}) | "
+                     f"{r['image2_passed']} ({r['accuracy_turn2']:.3f}) | {r['fixed']} | {r['broken']} |")
+    lines.append(f"| agreement: model's reflection vs verifier | {a['runs']} | same verdict {a['same_verdict']} "
+                 f"(says 'already matches' for {a['passed_says_matches']} of {a['passed']} passing, names a defect "
+                 f"for {a['failed_names_defect']} of {a['failed']} failing) | same findings {a['same_findings']} | – | – |")
+    return lines
+
+
 def write_report(workdir: pathlib.Path, report: dict) -> None:
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     acc = report["accuracy"]
@@ -210,6 +293,8 @@ def write_report(workdir: pathlib.Path, report: dict) -> None:
             for says, cell in row.items():
                 lines.append(f"| {image1.split('_')[1]} | {says.split('_', 1)[1].replace('_', ' ')} | "
                              f"{cell['runs']} | {cell['image2_passed']} |")
+    if report.get("refinement"):
+        lines += refinement_lines(report["refinement"])
     lines += ["", "## Training", "", "| stage | steps | first ce / mse | last ce / mse | s/step | time |", "|---|---|---|---|---|---|"]
     for stage in ("stage1", "stage2"):
         m = report["training"][stage]
@@ -245,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     world = work / "world"
     stage.run("world", "irg_jax.data.synthetic",
               ["--out", str(world), "--num", str(plan.trajectories), "--seed", str(args.seed),
-               "--jitter", str(plan.jitter), "--quality-prob", str(plan.quality_prob)],
+               "--jitter", str(plan.jitter), "--quality-prob", str(plan.quality_prob),
+               "--system-prompt", plan.system_prompt],
               done=world / "world.json")
     world_cfg = json.loads((world / "world.json").read_text())["config"]
     system_prompt = work / "system_prompt.txt"
@@ -284,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
                   done=None)
         accuracy[name] = _accuracy(json.loads((out / "scores.json").read_text()))
 
+    given = work / "samples" / "trained_verifier_reflection"
+    stage.run("given_reflection", "irg_jax.given_reflection",
+              [*generate_args(s2 / "export", None, given, world_cfg["size"], system_prompt, plan, args.seed),
+               "--samples", str(work / "samples" / "trained"), "--world", str(world / "world.json")],
+              done=given / "scores.json")
+    stage.run("verify_given_reflection", "irg_jax.verify", [str(given), "--world", str(world / "world.json")],
+              done=None)
+
     from irg_jax.verify.grid import render_grid, verdicts_from_scores
     from irg_jax.verify.results import result_folders
     trained = work / "samples" / "trained"
@@ -297,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_prompts": len(held_out), "samples_per_prompt": plan.samples_per_prompt, "accuracy": accuracy,
         "margin_turn2_minus_turn1": t["turn2"]["overall"] - t["turn1"]["overall"],
         "reflection_agreement": reflection_agreement(trained, trained_scores),
+        "refinement": refinement_breakdown(trained, trained_scores, given,
+                                           json.loads((given / "scores.json").read_text())),
         "training": {"stage1": _final_metrics(s1), "stage2": _final_metrics(s2)},
         "own_images": json.loads((own / "world.json").read_text())["own_images"],
         "timings_s": {**stage.timings, "total": round(time.time() - t_start, 1)},

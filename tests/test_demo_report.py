@@ -38,15 +38,56 @@ def test_report_md_states_the_margin_both_models_and_the_timings(tmp_path):
     assert (tmp_path / "report.json").exists()
 
 
-def test_quick_plan_is_smaller_than_the_full_one():
-    small, full = demo.QUICK, demo.FULL
-    for field in ("trajectories", "stage1_steps", "stage2_steps", "prompts", "own_images", "flow_steps"):
-        assert getattr(small, field) < getattr(full, field), field
-    assert full.baseline_prompts <= full.prompts and small.baseline_prompts <= small.prompts
-    x = pathlib.Path("/x")
-    args = demo.generate_args(x, x, x, 32, x, full, 0)
-    assert args[args.index("--refine_timestep_shift") + 1] == str(full.refine_timestep_shift)
-    assert args[args.index("--refine_start") + 1] == str(full.refine_start)
+def test_generate_args_carry_the_plan_and_drop_prompts_for_the_given_reflection_run():
+    x, out = pathlib.Path("/x"), pathlib.Path("/out")
+    plan = dataclasses.replace(demo.FULL, refine_start=0.45, refine_timestep_shift=1.25, cfg_text=1.75)
+    args = demo.generate_args(x, pathlib.Path("/p.jsonl"), out, 32, x, plan, 3)
+    assert args[args.index("--refine_start") + 1] == "0.45"
+    assert args[args.index("--refine_timestep_shift") + 1] == "1.25"
+    assert args[args.index("--cfg_text") + 1] == args[args.index("--refine_cfg_text") + 1] == "1.75"
+    assert args[args.index("--seed") + 1] == "3" and args[args.index("--prompts") + 1] == "/p.jsonl"
+    given = demo.generate_args(x, None, out, 32, x, plan, 3)
+    assert "--prompts" not in given and given[given.index("--out") + 1] == "/out"
+    assert [a for a in args if a not in ("--prompts", "/p.jsonl")] == given
+
+
+def _runs(root, reflections, passed):
+    for folder, text in reflections.items():
+        (root / folder).mkdir(parents=True)
+        (root / folder / "turn2.txt").write_text(text)
+    return {"prompts": [{"folder": f, "turn1": {"passed": p1}, "turn2": {"passed": p2}}
+                        for f, (p1, p2) in passed.items()]}
+
+
+def test_refinement_breakdown_counts_both_turn2_rows_and_the_agreement(tmp_path):
+    matches = "<think> the previous image already matches the prompt .\n\n### Detailed ..."
+    missing = "<think> the blue square is missing .\n\n### Detailed ..."
+    too_few = "<think> the image shows too few squares .\n\n### Detailed ..."
+    # the model's own reflections (detokenised spacing) and turn-2 verdicts
+    own = _runs(tmp_path / "own", {"0": "< think> the previous image already matches the prompt.### x",
+                                   "1": "< think> the blue square is missing.### x",
+                                   "2": "< think> the previous image already matches the prompt.### x",
+                                   "3": "< think> the image shows too few circles.### x",
+                                   "9": "< think> the previous image already matches the prompt.### x"},
+                {"0": (True, True), "1": (True, False), "2": (False, False), "3": (False, True), "9": (True, True)})
+    # the verifier's reflections: 0 passes, 1 passes (the model named a defect), 2 and 3 fail
+    given = _runs(tmp_path / "given", {"0": matches, "1": matches, "2": missing, "3": too_few},
+                  {"0": (True, True), "1": (True, True), "2": (False, True), "3": (False, True)})
+    ref = demo.refinement_breakdown(tmp_path / "own", own, tmp_path / "given", given)  # run 9: not in given
+    assert ref["own_reflection"] == {"runs": 4, "image1_passed": 2, "image2_passed": 2, "fixed": 1, "broken": 1,
+                                     "accuracy_turn1": 0.5, "accuracy_turn2": 0.5}
+    assert ref["verifier_reflection"] == {"runs": 4, "image1_passed": 2, "image2_passed": 4, "fixed": 2,
+                                          "broken": 0, "accuracy_turn1": 0.5, "accuracy_turn2": 1.0}
+    # verdicts: 0 agrees (matches / passed), 3 agrees (names a defect / failed); 1 and 2 do not.
+    # findings: 0 says the verifier's sentence; 3 names circles where the verifier found squares.
+    assert ref["agreement"] == {"runs": 4, "same_verdict": 2, "same_findings": 1, "passed_says_matches": 1,
+                                "passed": 2, "failed_names_defect": 1, "failed": 2}
+    demo.write_report(tmp_path, {**_report(), "refinement": ref})
+    md = (tmp_path / "report.md").read_text()
+    assert "| with the model's own reflection | 4 | 2 (0.500) | 2 (0.500) | 1 | 1 |" in md
+    assert "| with the verifier's findings as the reflection (teacher-forced) | 4 | 2 (0.500) | 4 (1.000) | 2 | 0 |" in md
+    assert "same verdict 2 (says 'already matches' for 1 of 2 passing, names a defect for 1 of 2 failing)" in md
+    assert "same findings 1" in md
 
 
 def test_reflection_agreement_counts_verdicts_against_the_verifier(tmp_path):

@@ -2,7 +2,6 @@
 import base64
 import io
 import json
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -228,12 +227,9 @@ def test_vocab_lists_every_emitted_word(world_dir):
     assert len(vocab) < 150  # a small word-level vocabulary
 
 
-def test_sizes_and_speed(tmp_path):
-    start = time.perf_counter()
+def test_sizes(tmp_path):
     summary = generate(tmp_path / "w64", num=1000, seed=0, cfg=WorldConfig(size=64), heldout=12)
-    elapsed = time.perf_counter() - start
     assert summary["rows_per_mode"] == {m: 1000 for m in MODES}
-    assert elapsed < 30  # measured ~0.5 s on the 2-core machine; 10k at 32 px takes ~4 s
     r = next(read_records_jsonl(tmp_path / "w64" / "records.jsonl"))
     assert Image.open(io.BytesIO(r.image2)).size == (64, 64)
 

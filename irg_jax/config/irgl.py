@@ -69,6 +69,24 @@ def _small_data(stage: int, data_root: str, image: int, und_len: int, gen_len: i
     return d
 
 
+def _generation_heavy(groups) -> None:
+    """The demo's stage-1 mixture: every mode, weighted towards learning image 1 from a plan.
+
+    IRG's stage 1 opens every pack with one sample of each generation mode and spends most of
+    a small pack's tokens on text. Turn 1 (the demo's first score) is learned by the two initial
+    modes; the demo's model starts from scratch and within its budget is still learning to draw,
+    so the initial modes open every pack and initial-thinking-generation fills most of it; the
+    improving and understanding modes stay in the mixture with small weights (stage 2 trains
+    the two full modes only). bench/demo_images.py: 34.5 generation-target images per step of
+    4 packs instead of 18."""
+    for name, (mandatory, weight) in {
+            "initial_thinking_generation_learning": (True, 6.0), "initial_full_learning": (True, 1.0),
+            "improving_full_learning": (False, 0.5), "improving_thinking_generation_learning": (False, 0.25),
+            "initial_thinking_understanding_learning": (False, 0.1),
+            "improving_thinking_understanding_learning": (False, 0.1)}.items():
+        groups[name].is_mandatory, groups[name].weight = mandatory, weight
+
+
 def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     variant, kv = parse_arg(arg)
     c = base_config()
@@ -93,15 +111,21 @@ def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         # has to come from the text.
         c.model.latent.time_scale = 1000.0
         c.model.latent.timestep_shift = 4.0
-        # One pack holds the four mandatory samples of stage 1 (about 500 und + 384 gen tokens).
-        budgets = dict(demo=dict(und_len=640, gen_len=448, vit_len=96, ce_len=320, images=8),
+        # Demo packs (1,088 tokens): stage 1 is generation-heavy (below), so its packs give the
+        # generation expert 640 tokens (10 images of 64 tokens); stage 2's full-mode samples carry
+        # a reflection each, so its packs keep 640 understanding + 448 generation tokens.
+        budgets = dict(demo=dict(und_len=448 if stage == 1 else 640, gen_len=640 if stage == 1 else 448,
+                                 vit_len=96, ce_len=320, images=10 if stage == 1 else 8),
                        tiny=dict(und_len=576, gen_len=384, vit_len=64, ce_len=256, images=8))[variant]
         c.data = _small_data(stage, kv.get("data_root", ""), 32, model=c.model, **budgets)
+        if variant == "demo" and stage == 1:
+            _generation_heavy(c.data.groups)
         if "tokenizer" in kv:
             c.data.tokenizer_path = kv["tokenizer"]
-        # Block-sparse attention: 128-token blocks let the packed step skip the blocks between
-        # documents (3.7x faster than 512-token blocks for the demo's 1088-token packs on CPU).
-        c.model.attention.block_q = c.model.attention.block_k = 128
+        # Block-sparse attention: small blocks let the packed step skip the blocks between the
+        # demo's short documents (bench/demo_images.py: 32-token blocks ran the demo's stage-1 step
+        # 1.3-1.4x faster than 128-token blocks, and 128 was 3.7x faster than 512).
+        c.model.attention.block_q = c.model.attention.block_k = 32 if variant == "demo" else 128
         # Trained from scratch, the demo needs an unconditional branch for CFG (IRG fine-tunes
         # BAGEL, which learned one in pre-training, so IRG's own text dropout is 0).
         c.data.text_cond_dropout_prob = 0.1

@@ -39,6 +39,7 @@ from irg_jax.data.synthetic_prompts import CATEGORIES, INVERSE_RELATION, MAX_COU
 from irg_jax.data.tokenizer import WordTokenizer
 from irg_jax.data.trajectories import DEFAULT_ROWS_PER_GROUP, ModeDatasetWriter, TrajectoryRecord
 
+SYSTEM_PROMPTS = {"tiny": text.SYSTEM_PROMPT_TINY, "short": text.SYSTEM_PROMPT_SHORT, "full": text.SYSTEM_PROMPT_FULL}
 DEFECT_TYPES: tuple[str, ...] = ("colour", "count", "shape", "position", "quality")
 
 
@@ -531,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest shift of an object from its cell's centre, as a share of the canvas")
     p.add_argument("--colours", default=",".join(scenes.DEFAULT_COLOURS),
                    help=f"comma-separated, from {','.join(scenes.PALETTE)}")
-    p.add_argument("--system-prompt", choices=("short", "full"), default="short")
+    p.add_argument("--system-prompt", choices=tuple(SYSTEM_PROMPTS), default="short")
     p.add_argument("--initial-image", choices=("image1", "image2"), default="image2",
                    help="image the initial modes learn after think 1 (image2 = the correct one)")
     p.add_argument("--rows-per-group", type=int, default=DEFAULT_ROWS_PER_GROUP)
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = WorldConfig(size=args.size, colours=tuple(c.strip() for c in args.colours.split(",") if c.strip()),
                       defect_prob=args.defect_prob, jitter=args.jitter, quality_prob=args.quality_prob,
                       initial_image_source=args.initial_image,
-                      system_prompt=text.SYSTEM_PROMPT_SHORT if args.system_prompt == "short" else text.SYSTEM_PROMPT_FULL)
+                      system_prompt=SYSTEM_PROMPTS[args.system_prompt])
     summary = generate(args.out, args.num, args.seed, cfg, heldout=args.heldout,
                        rows_per_group=args.rows_per_group, record_images=not args.no_record_images)
     print(json.dumps({k: summary[k] for k in ("num", "seconds", "rows_per_mode", "defects", "heldout_meanings",

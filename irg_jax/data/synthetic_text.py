@@ -20,6 +20,11 @@ from irg_jax.data.synthetic_prompts import NUMBER_WORDS, RELATIONS
 from irg_jax.data.trajectories import (SECTION_FINAL_PROMPT, SECTION_GUIDANCE, SECTION_IMPROVEMENTS,  # noqa: F401
                                        SYSTEM_PROMPT_FULL, SYSTEM_PROMPT_SHORT, THINK_CLOSE, THINK_OPEN)
 
+# The demo's system prompt: IRG's instruction in six words. Every training sample and every
+# generation starts with it, so at the demo's scale (a 64-token image after a ~20-token plan)
+# SYSTEM_PROMPT_SHORT's 33 words were a third of each initial sample's tokens.
+SYSTEM_PROMPT_TINY = "think , draw , check , then redraw ."
+
 # Where a single object sits (cells of a 3x3 grid, or a half of the canvas).
 CELL_WORDS: tuple[str, ...] = ("top left", "top", "top right", "left", "center", "right",
                                "bottom left", "bottom", "bottom right")

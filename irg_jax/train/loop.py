@@ -158,7 +158,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = ProgressLine(config.total_steps, start)
     sigterm = _Sigterm()
     last: dict = {}
-    flops_per_step = step_flops(config, budgets[-1])
+    # MFU counts the attention the mask allows (model FLOPs) and the tiles the kernel computes
+    # (hardware FLOPs): (allowed, computed) pairs of each batch, summed on device over the window.
+    window_pairs = None
     guard = _NonFiniteGuard(config.nan_guard.max_consecutive, ckpt)
     samples = TrainingSamples(config, bundle, tokenizer, workdir, writer, mesh) if config.sample_every else None
     window, window_t0, metrics = setup.new_window(start), time.perf_counter(), None
@@ -171,6 +173,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 with jax.transfer_guard("disallow"):
                     batch = next(data_iter)
                     state, window, metrics = step_fn(state, batch, window, *setup.constants)
+                    pairs = mfu_lib.batch_attention_pairs(batch, config.model.attention)
+                    window_pairs = pairs if window_pairs is None else window_pairs + pairs
                 checked = False
                 done = step + 1
                 log_step = done % config.log_every == 0 or done == config.total_steps
@@ -188,13 +192,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     scalars.update({k: float(sums[k]) / n for k in AVERAGED})  # window means
                     scalars.update(
                         step_time=elapsed / n, tokens_per_s=float(sums["real_tokens"]) / elapsed,
-                        mfu=mfu_lib.mfu(flops_per_step, elapsed / n, peak, peak_devices),
+                        **mfu_lib.mfu_scalars(config.model, config.batch_size, budgets[-1],
+                                              jax.device_get(window_pairs) / n, elapsed / n, peak, peak_devices),
                         nonfinite_total=int(jax.device_get(state.nonfinite_total)),
                         compilations=step_fn.num_compiled, **data_iter.metrics())
                     writer.write(done, scalars)
                     progress.log(done, scalars)
                     last = scalars
-                    window, window_t0 = setup.new_window(done), time.perf_counter()
+                    window, window_t0, window_pairs = setup.new_window(done), time.perf_counter(), None
                 if samples and done % config.sample_every == 0:
                     samples(done, state.ema or state.params)
                 stopped = sigterm.stop(sync_point=save_step or log_step)
