@@ -130,6 +130,8 @@ def _check_attention(attn) -> None:
         raise ConfigError("model.attention.impl", f"{attn.get('impl')!r} is not one of {attention.names()}")
     for key in ("block_q", "block_k", "cache_block"):
         value = attn.get(key)
+        if key == "cache_block" and value is None:
+            continue  # configs saved before the key existed: the decoder's default (128)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"model.attention.{key}", f"must be a positive int, got {value!r}")
         if key == "cache_block":

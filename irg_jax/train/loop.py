@@ -169,9 +169,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with setup.active():
             for step in range(start, config.total_steps):
-                # Between sync points nothing is read back: an implicit transfer here is an error.
+                # The batch is put on the devices by the data iterator (explicitly; in a multi-process
+                # run through process-local data, which the guard would count as implicit). Between sync
+                # points nothing else moves between host and device: an implicit transfer is an error.
+                batch = next(data_iter)
                 with jax.transfer_guard("disallow"):
-                    batch = next(data_iter)
                     state, window, metrics = step_fn(state, batch, window, *setup.constants)
                     pairs = mfu_lib.batch_attention_pairs(batch, config.model.attention)
                     window_pairs = pairs if window_pairs is None else window_pairs + pairs
