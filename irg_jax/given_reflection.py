@@ -20,10 +20,20 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import sys
 
 import numpy as np
+
+
+def canonical_think(text: str) -> str:
+    """A decoded think (``< think> a red circle at the top.</ think>``: the export tokenizer's
+    detokenised spacing) in the training data's form (``<think> a red circle at the top . </think>``),
+    so that it encodes to the tokens the model sampled and its plan can be repeated in a reflection."""
+    from irg_jax.data.trajectories import THINK_CLOSE, THINK_OPEN
+    body = re.sub(r"<\s*/?\s*think\s*>", " ", text)
+    return " ".join([THINK_OPEN, *re.findall(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", body), THINK_CLOSE])
 
 
 def verifier_reflections(samples: pathlib.Path, scores: dict, colours) -> list[dict]:
@@ -38,7 +48,7 @@ def verifier_reflections(samples: pathlib.Path, scores: dict, colours) -> list[d
     for run in scores["prompts"]:
         folder = samples / run["folder"]
         result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-        think1 = (folder / "turn1.txt").read_text(encoding="utf-8")
+        think1 = canonical_think((folder / "turn1.txt").read_text(encoding="utf-8"))
         image1 = np.asarray(Image.open(folder / "turn1.png").convert("RGB"))
         verdict = verify_image(result["prompt"], image1, parser)
         if verdict.passed != run["turn1"]["passed"]:

@@ -112,3 +112,13 @@ def test_reflection_agreement_counts_verdicts_against_the_verifier(tmp_path):
     demo.write_report(tmp_path, report)
     md = (tmp_path / "report.md").read_text()
     assert "| passed | matches | 1 | 1 |" in md and "| failed | names defect | 1 | 1 |" in md
+
+
+def test_given_reflection_rewrites_a_decoded_think_in_the_training_form():
+    from irg_jax.data.own_images import own_reflection
+    from irg_jax.given_reflection import canonical_think
+    decoded = "< think> a large red square at the bottom right.</ think>"
+    assert canonical_think(decoded) == "<think> a large red square at the bottom right . </think>"
+    # the verifier's reflection repeats the plan once, without nested think markers
+    text = own_reflection(canonical_think(decoded), {})
+    assert text.count("think>") == 2 and text.endswith("a large red square at the bottom right . </think>")
