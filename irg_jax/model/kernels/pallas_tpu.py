@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from irg_jax.model.attention import TokenMeta, _check_shapes, mask_rule
-from irg_jax.model.kernels import block_lists
+from irg_jax.model.kernels import block_lists, kernel_vjp
 
 _NEG = -1e30
 _LANES = 128
@@ -254,22 +254,7 @@ def _backward(cfg, q, k, v, qm_rows, km_rows, lists, out, lse, dout):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(cfg, q, k, v, qm_rows, km_rows, lists):
-    return _forward(cfg, q, k, v, qm_rows, km_rows, lists)[0]
-
-
-def _attend_fwd(cfg, q, k, v, qm_rows, km_rows, lists):
-    out, lse = _forward(cfg, q, k, v, qm_rows, km_rows, lists)
-    return out, (q, k, v, qm_rows, km_rows, lists, out, lse)
-
-
-def _attend_bwd(cfg, res, dout):
-    dq, dk, dv = _backward(cfg, *res, dout)
-    return dq, dk, dv, None, None, None
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend = kernel_vjp.kernel_attention(_forward, _backward)
 
 
 # ---------------------------------------------------------------- entry point
