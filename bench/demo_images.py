@@ -34,26 +34,11 @@ from irg_jax.config.irgl import irgl_config  # noqa: E402
 from irg_jax.data import pipeline  # noqa: E402
 from irg_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from irg_jax.parallel.mesh import build_mesh  # noqa: E402
-from irg_jax.parallel.sharding import activation_rules  # noqa: E402
 from irg_jax.train import mfu as mfu_lib  # noqa: E402
-from irg_jax.train import model_setup, state as state_lib  # noqa: E402
-from irg_jax.train.optimizer import make_optimizer, step_frozen_fn  # noqa: E402
-from irg_jax.train.step import make_train_step  # noqa: E402
+from irg_jax.train.setup import train_setup  # noqa: E402
 
-
-def override(config, kv: str) -> None:
-    key, _, value = kv.partition("=")
-    *path, last = key.split(".")
-    node = config
-    for k in path:
-        node = node[k]
-    old = node[last]
-    if isinstance(old, bool):
-        node[last] = value in ("1", "true", "True")
-    elif isinstance(old, (int, float, str)):
-        node[last] = type(old)(value)
-    else:
-        raise SystemExit(f"override {kv!r}: config key {key} holds a {type(old).__name__}; not overridable here")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import override  # noqa: E402  (the same KEY=VALUE overrides as bench/train_step.py)
 
 
 def main() -> None:
@@ -69,30 +54,26 @@ def main() -> None:
     for kv in args.overrides:
         override(c, kv)
     tokenizer = load_tokenizer(c.data.tokenizer_path)
-    mesh = build_mesh(c.mesh)
-    rules = tuple(tuple(r) for r in c.sharding.rules)
+    setup = train_setup(c, build_mesh(c.mesh))  # the loop's step: same shardings, constants as arguments
+    setup.place_constants()
     it, budgets = pipeline.make_train_iterator(c.data, c.model, tokenizer, seed=0, batch_size=c.batch_size,
-                                               sharding=None)
-    bundle, init = model_setup.build(c.model, mesh, rules, 0)
-    tx, schedule = make_optimizer(c, bundle.abstract_params)
-    step = jax.jit(make_train_step(model_setup.make_forward(bundle), tx, schedule, c,
-                                   step_frozen_fn(bundle.abstract_params, c.freeze)), donate_argnums=0)
+                                               sharding=setup.batch_sharding)
     px = c.model.autoencoder.downsample * c.model.latent.patch_size
     tokens_per_image = (budgets[-1].vae_image_size[0] // px) * (budgets[-1].vae_image_size[1] // px)
     batches = [next(it) for _ in range(args.steps + 1)]
     images = [float(np.asarray(b["latent_noisy"]).sum()) / tokens_per_image for b in batches[1:]]
     pairs = np.sum([np.asarray(mfu_lib.batch_attention_pairs(b, c.model.attention)) for b in batches[1:]], axis=0)
-    with jax.set_mesh(mesh), activation_rules(rules):
-        state = state_lib.create(init(), tx, jax.random.key(0), c.ema.enabled)
+    state, window = setup.create_state(setup.init_params()), setup.new_window(0)
+    with setup.active():
         t0 = time.perf_counter()
-        state, m = step(state, batches[0])
+        state, window, _ = setup.step(state, batches[0], window, *setup.constants)
         jax.block_until_ready(state)
         compile_s = time.perf_counter() - t0
         times, refs = [], []
         for b in batches[1:]:  # each step next to a matmul reference: the machine's load moves
             refs.append(mfu_lib.measure_matmul_flops(repeats=3))
             t0 = time.perf_counter()
-            state, m = step(state, b)
+            state, window, _ = setup.step(state, b, window, *setup.constants)
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t0)
     step_s, ref = float(np.median(times)), float(np.median(refs))
