@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from irg_jax.data.packed_batch import FULL
-from irg_jax.model.attention import INVALID_DOC, TokenMeta, allowed_mask, online_softmax_block
-
-_NEG = -1e30
+from irg_jax.model.attention import (_NEG, _PAD_QUERY_DOC, INVALID_DOC, TokenMeta, _blocks, _meta_blocks, _pad_to,
+                                     _unblocks, allowed_mask, online_softmax_block)
 
 
 class CacheView(NamedTuple):
@@ -104,16 +103,11 @@ def attend(q, k_new, v_new, q_meta: TokenMeta, new_meta: TokenMeta, cache: Cache
     if lq <= bq:
         out = _attend_block_of_queries(qg, q_meta, k_new, v_new, new_meta, cache, block_k)
         return out.reshape(b, lq, hq, d), cache
-    nq = -(-lq // bq)
-    pad = nq * bq - lq
-    fill = (INVALID_DOC - 1, -1, FULL, 2**30)  # padded queries attend to nothing
-    qm = TokenMeta(*(jnp.pad(a, ((0, 0), (0, pad)), constant_values=f) for a, f in zip(q_meta, fill)))
-    qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    blocks = lambda x: jnp.moveaxis(x.reshape(b, nq, bq, *x.shape[2:]), 1, 0)  # noqa: E731
+    nq = -(-lq // bq)  # query blocks as in the chunked attention; padded queries attend to nothing
 
     def one(args):
         qb, qmb = args
-        return _attend_block_of_queries(qb, TokenMeta(*qmb), k_new, v_new, new_meta, cache, block_k)
+        return _attend_block_of_queries(qb, qmb, k_new, v_new, new_meta, cache, block_k)
 
-    out = jax.lax.map(one, (blocks(qg), tuple(blocks(a) for a in qm)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, hq, d)[:, :lq], cache
+    out = jax.lax.map(one, (_blocks(_pad_to(qg, 1, nq * bq, 0), nq), _meta_blocks(q_meta, nq, nq * bq, _PAD_QUERY_DOC)))
+    return _unblocks(out)[:, :lq].reshape(b, lq, hq, d), cache
