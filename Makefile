@@ -22,7 +22,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m irg_jax.demo --workdir $(WORKDIR) --seed $(SEED) $(if $(QUICK),--quick,)
+	$(PY) -m irg_jax.synthetic.demo --workdir $(WORKDIR) --seed $(SEED) $(if $(QUICK),--quick,)
 
 bench: venv
 	$(PY) bench/run_all.py

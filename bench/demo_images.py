@@ -1,6 +1,6 @@
 """Benchmark: generation-target images per second of the demo's stage-1 train step, and its real FLOP/s.
 
-    python -m irg_jax.data.synthetic --out /tmp/world --num 4000 --seed 0 --jitter 0
+    python -m irg_jax.synthetic.world --out /tmp/world --num 4000 --seed 0 --jitter 0
     .venv/bin/python bench/demo_images.py --data /tmp/world [--steps 8] [--stage 1] [key=value ...]
 
 Builds the loop's train step for ``configs/irgl_stage<stage>.py:demo`` (trailing ``key=value``
@@ -43,7 +43,7 @@ from train_step import override  # noqa: E402  (the same KEY=VALUE overrides as 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="synthetic world folder (irg_jax.data.synthetic --out)")
+    p.add_argument("--data", required=True, help="synthetic world folder (irg_jax.synthetic.world --out)")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--json", help="also write the figures to this file")

@@ -20,7 +20,7 @@ def run(args: list[str]) -> None:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as world:
-        run(["-m", "irg_jax.data.synthetic", "--out", world, "--num", "2000", "--seed", "0"])
+        run(["-m", "irg_jax.synthetic.world", "--out", world, "--num", "2000", "--seed", "0"])
         run([os.path.join(HERE, "train_step.py"), "--data", world])
         run([os.path.join(HERE, "train_step.py"), "--data", world,
              "model.attention.block_q=512", "model.attention.block_k=512"])

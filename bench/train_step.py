@@ -1,6 +1,6 @@
 """Benchmark: the real IRGL train step on real packs (synthetic world), vs a large fp32 matmul.
 
-    python -m irg_jax.data.synthetic --out /tmp/world --num 2000 --seed 0
+    python -m irg_jax.synthetic.world --out /tmp/world --num 2000 --seed 0
     .venv/bin/python bench/train_step.py --data /tmp/world [--variant demo] [--steps 5] \
         [model.attention.block_q=512 model.attention.block_k=512 ...]
 
@@ -44,7 +44,7 @@ def override(config, kv: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="synthetic world folder (irg_jax.data.synthetic --out)")
+    p.add_argument("--data", required=True, help="synthetic world folder (irg_jax.synthetic.world --out)")
     p.add_argument("--variant", default="demo")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("overrides", nargs="*")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irg_jax.train import conditioning_probe as probe
+from irg_jax.synthetic import conditioning_probe as probe
 
 
 def test_error_split_separates_the_noise_from_the_image_part():
@@ -38,13 +38,14 @@ def test_probe_on_a_training_batch(tmp_path):
     """A model whose llm2vae is zero predicts v = 0: the whole noise is missed (noise part ~ E[eps^2] = 1)
     and the image part is E[x0^2]; a random llm2vae makes the ablations change the result."""
     from irg_jax.config.irgl import irgl_config
-    from irg_jax.data import pipeline, synthetic
+    from irg_jax.data import pipeline
     from irg_jax.data.tokenizer import load_tokenizer
     from irg_jax.model.autoencoder import build_autoencoder
     from irg_jax.model.bagel import Bagel, gather_latent_tokens, latent_tokens
+    from irg_jax.synthetic.world import generate
 
     world = tmp_path / "world"
-    synthetic.generate(world, num=40, seed=0)
+    generate(world, num=40, seed=0)
     cfg = irgl_config(1, f"tiny,data_root={world}")
     data, _ = pipeline.make_train_iterator(cfg.data, cfg.model, load_tokenizer(cfg.data.tokenizer_path), seed=0,
                                            batch_size=2, process_index=0, process_count=1)

@@ -2,7 +2,7 @@
 import dataclasses
 import pathlib
 
-from irg_jax import demo
+from irg_jax.synthetic import demo
 
 
 def _turn(overall, fixed=None, broken=None):
@@ -49,6 +49,14 @@ def test_generate_args_carry_the_plan_and_drop_prompts_for_the_given_reflection_
     given = demo.generate_args(x, None, out, 32, x, plan, 3)
     assert "--prompts" not in given and given[given.index("--out") + 1] == "/out"
     assert [a for a in args if a not in ("--prompts", "/p.jsonl")] == given
+
+
+def test_train_args_name_the_repository_configs():
+    """The demo's stages run from any working directory: the config paths point into this repository."""
+    args = demo.train_args(2, pathlib.Path("/w"), pathlib.Path("/run"), 5, 1, init_from=pathlib.Path("/s1"))
+    path, arg = args[args.index("--config") + 1].split(":", 1)
+    assert pathlib.Path(path) == pathlib.Path(__file__).resolve().parent.parent / "configs" / "irgl_stage2.py"
+    assert pathlib.Path(path).is_file() and arg == "demo,data_root=/w,init_from=/s1"
 
 
 def _runs(root, reflections, passed):
@@ -115,8 +123,8 @@ def test_reflection_agreement_counts_verdicts_against_the_verifier(tmp_path):
 
 
 def test_given_reflection_rewrites_a_decoded_think_in_the_training_form():
-    from irg_jax.data.own_images import own_reflection
-    from irg_jax.given_reflection import canonical_think
+    from irg_jax.synthetic.own_images import own_reflection
+    from irg_jax.synthetic.given_reflection import canonical_think
     decoded = "< think> a large red square at the bottom right.</ think>"
     assert canonical_think(decoded) == "<think> a large red square at the bottom right . </think>"
     # the verifier's reflection repeats the plan once, without nested think markers

@@ -31,9 +31,9 @@ LOSS_RTOL = 1e-5  # measured: <= 1.6e-7 relative (the reduction order differs be
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from irg_jax.data import synthetic
+    from irg_jax.synthetic.world import generate
     out = tmp_path_factory.mktemp("world")
-    synthetic.generate(out, num=160, seed=0)
+    generate(out, num=160, seed=0)
     return out
 
 

@@ -11,14 +11,15 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from irg_jax.data import own_images, scenes, synthetic_text
-from irg_jax.data.synthetic import World, WorldConfig, generate
+from irg_jax.synthetic import own_images, scenes
+from irg_jax.synthetic import text as synthetic_text
+from irg_jax.synthetic.world import World, WorldConfig, generate
 from irg_jax.data.tokenizer import WordTokenizer
 from irg_jax.data.trajectories import MODES, SECTION_FINAL_PROMPT, read_records_jsonl
 from irg_jax.model import config as model_config
 from irg_jax.model.bagel import Bagel
 from irg_jax.convert.params_dir import save_params
-from irg_jax.verify import verify_image
+from irg_jax.synthetic.verify import verify_image
 
 CFG = WorldConfig(jitter=0.0)
 

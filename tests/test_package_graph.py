@@ -13,12 +13,6 @@ import tomllib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "irg_jax"
 
-# Imports allowed to close a cycle for now, by importing file. data/own_images.py (the user's own
-# images through the verifier and the IRG loop) closes data -> verify/inference -> data; issue 24
-# moves it, with verify/ and the rest of the synthetic world, into one folder above data and
-# inference. Remove the entry when that move lands.
-KNOWN_EXCEPTIONS = {"irg_jax/data/own_images.py"}
-
 
 def _node(module: str) -> str | None:
     """The graph node of a dotted module name inside irg_jax (None outside it)."""
@@ -53,8 +47,6 @@ def package_graph() -> dict[str, dict[str, set[str]]]:
     graph: dict[str, dict[str, set[str]]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(ROOT)
-        if rel.as_posix() in KNOWN_EXCEPTIONS:
-            continue
         source = _node(".".join(rel.with_suffix("").parts))
         if source is None:
             continue  # irg_jax/__init__.py
@@ -100,7 +92,7 @@ def test_cycle_finder_finds_a_cycle_and_accepts_a_dag():
 
 def test_the_graph_sees_the_known_layers():
     graph = package_graph()
-    assert {"train", "model", "data", "inference", "convert", "config", "parallel"} <= set(graph)
+    assert {"train", "model", "data", "inference", "convert", "config", "parallel", "synthetic"} <= set(graph)
     assert "model" in graph["train"] and "data" in graph["model"] and "convert" in graph["inference"]
 
 
@@ -110,6 +102,14 @@ def test_no_package_imports_one_that_imports_it_back():
     if cycle:
         links = [f"{a} -> {b} ({', '.join(sorted(graph[a][b]))})" for a, b in zip(cycle, cycle[1:])]
         raise AssertionError("package import cycle:\n  " + "\n  ".join(links))
+
+
+def test_the_synthetic_world_sits_above_the_generic_layers():
+    """irg_jax.synthetic (the demo's world, verifier and drivers) uses data and inference; no package imports it."""
+    graph = package_graph()
+    assert {"data", "inference"} <= set(graph["synthetic"])
+    users = {node: sorted(targets["synthetic"]) for node, targets in graph.items() if "synthetic" in targets}
+    assert not users, f"packages import irg_jax.synthetic: {users}"
 
 
 def test_pyproject_declares_the_pinned_requirements():

@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from irg_jax.data import synthetic_text
-from irg_jax.data.synthetic import World, WorldConfig, generate
-from irg_jax.data.synthetic_prompts import CATEGORIES, PromptSpec, prompt_space
 from irg_jax.data.trajectories import (DEFAULT_FLAG_TABLE, MODES, TrajectoryRecord, main as trajectories_main,
                                        read_records_jsonl, validate_flag_table, write_mode_datasets)
+from irg_jax.synthetic import text as synthetic_text
+from irg_jax.synthetic.prompts import CATEGORIES, PromptSpec, prompt_space
+from irg_jax.synthetic.world import World, WorldConfig, generate
 
 SYSTEM = synthetic_text.SYSTEM_PROMPT_SHORT
 # Expected assistant parts per mode, written out from spec §5.3 (not derived from the code):

@@ -25,9 +25,9 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from irg_jax.data import synthetic
+    from irg_jax.synthetic.world import generate
     out = tmp_path_factory.mktemp("world")
-    synthetic.generate(out, num=160, seed=0)
+    generate(out, num=160, seed=0)
     return out
 
 

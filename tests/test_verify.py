@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from irg_jax.data import scenes
-from irg_jax.data.synthetic import World, WorldConfig, write_result_folders
-from irg_jax.data.synthetic_prompts import CATEGORIES, ObjectGroup, PromptSpec, prompt_space
-from irg_jax.verify import ParserConfig, parse_image, parse_prompt, verify_image
-from irg_jax.verify.__main__ import main as verify_main
-from irg_jax.verify.grid import main as grid_main
+from irg_jax.synthetic import scenes
+from irg_jax.synthetic.prompts import CATEGORIES, ObjectGroup, PromptSpec, prompt_space
+from irg_jax.synthetic.world import World, WorldConfig, write_result_folders
+from irg_jax.synthetic.verify import ParserConfig, parse_image, parse_prompt, verify_image
+from irg_jax.synthetic.verify.__main__ import main as verify_main
+from irg_jax.synthetic.verify.grid import main as grid_main
 
 # The constraint kind that must fail for each recorded defect type.
 FAILS_AS = {"colour": "colour", "count": "count", "shape": "count", "position": "position"}

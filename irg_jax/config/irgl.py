@@ -130,7 +130,7 @@ def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         # BAGEL, which learned one in pre-training, so IRG's own text dropout is 0).
         c.data.text_cond_dropout_prob = 0.1
         # Stage 1 at 5e-3 with 4 packs per step (about 1 s per step on 2 cores). Measured with
-        # irg_jax.train.conditioning_probe (the share of the image variance explained at t = 0.8):
+        # irg_jax.synthetic.conditioning_probe (the share of the image variance explained at t = 0.8):
         # 8 packs at 2e-3 for 400 steps stayed on the plateau where the model draws the average
         # image (gain 0.03-0.05, MSE 0.19); 4 packs at 5e-3 leave it after about 300 steps (a 1200-step
         # run: MSE 0.165 at step 400, gain 0.61 and MSE 0.084 at the end; the demo's 850 steps:

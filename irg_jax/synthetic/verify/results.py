@@ -22,9 +22,9 @@ from typing import Mapping, Sequence
 
 from PIL import Image
 
-from irg_jax.verify import Verdict, verify_image
-from irg_jax.verify.constraints import parse_prompt
-from irg_jax.verify.scene_parser import ParserConfig
+from irg_jax.synthetic.verify import Verdict, verify_image
+from irg_jax.synthetic.verify.constraints import parse_prompt
+from irg_jax.synthetic.verify.scene_parser import ParserConfig
 
 _TURN_IMAGE = re.compile(r"^turn(\d+)\.png$")
 

@@ -1,6 +1,6 @@
 """How much of its image a trained model takes from its context, measured on training packs.
 
-    python -m irg_jax.train.conditioning_probe --config configs/irgl_stage1.py:demo,data_root=WORLD \\
+    python -m irg_jax.synthetic.conditioning_probe --config configs/irgl_stage1.py:demo,data_root=WORLD \\
         --checkpoint EXPORT [--times 0.95,0.8,0.5] [--batches 2] [--seed 0] [--json out.json]
 
 The model's forward runs on real training batches of ``--config`` with every noisy latent
@@ -103,7 +103,8 @@ def _mean_over(results: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m irg_jax.train.conditioning_probe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m irg_jax.synthetic.conditioning_probe",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="configs/<name>.py[:arg] whose data is probed")
     p.add_argument("--checkpoint", required=True, help="an export directory (irg_jax.train export)")
     p.add_argument("--times", default="0.95,0.8,0.5")

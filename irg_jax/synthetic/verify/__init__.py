@@ -1,21 +1,21 @@
 """Verifier of the synthetic world: does an image satisfy its prompt?
 
-    from irg_jax.verify import verify_image
+    from irg_jax.synthetic.verify import verify_image
     verdict = verify_image("a red circle left of a blue square", pil_image)
     verdict.passed, [c.to_json() for c in verdict.constraints]
 
 The prompt is parsed from its text alone (:func:`constraints.parse_prompt`), the image
 is parsed into coloured shapes (:func:`scene_parser.parse_image`), and each constraint
-is checked (:func:`constraints.check_constraints`). ``python -m irg_jax.verify DIR``
-scores a folder of generation results (see :mod:`irg_jax.verify.results`).
+is checked (:func:`constraints.check_constraints`). ``python -m irg_jax.synthetic.verify DIR``
+scores a folder of generation results (see :mod:`irg_jax.synthetic.verify.results`).
 """
 from __future__ import annotations
 
 import dataclasses
 
-from irg_jax.data.synthetic_prompts import PromptSpec
-from irg_jax.verify.constraints import ConstraintResult, check_constraints, parse_prompt
-from irg_jax.verify.scene_parser import DetectedObject, ParserConfig, parse_image, parse_rgb, to_rgb_array
+from irg_jax.synthetic.prompts import PromptSpec
+from irg_jax.synthetic.verify.constraints import ConstraintResult, check_constraints, parse_prompt
+from irg_jax.synthetic.verify.scene_parser import DetectedObject, ParserConfig, parse_image, parse_rgb, to_rgb_array
 
 
 @dataclasses.dataclass(frozen=True)

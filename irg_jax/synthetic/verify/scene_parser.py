@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from irg_jax.data import scenes
+from irg_jax.synthetic import scenes
 
 
 @dataclasses.dataclass(frozen=True)

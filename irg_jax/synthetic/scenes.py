@@ -2,7 +2,7 @@
 
 A scene is a list of :class:`SceneObject` (shape, colour, size, centre in pixels) drawn
 with Pillow, without anti-aliasing, so every object pixel has exactly its palette
-colour. The verifier (``irg_jax.verify``) reads images back with the same palette.
+colour. The verifier (``irg_jax.synthetic.verify``) reads images back with the same palette.
 
 Sizes are defined for a 32-pixel canvas and scale linearly with the canvas size
 (``size`` in 16..64 is supported).

@@ -1,4 +1,4 @@
-"""CLI: ``python -m irg_jax.verify RESULTS_DIR`` writes ``RESULTS_DIR/scores.json`` and prints a table."""
+"""CLI: ``python -m irg_jax.synthetic.verify RESULTS_DIR`` writes ``RESULTS_DIR/scores.json`` and prints a table."""
 from __future__ import annotations
 
 import argparse
@@ -6,15 +6,15 @@ import json
 import pathlib
 import sys
 
-from irg_jax.data import scenes
-from irg_jax.verify.results import format_table, score_results
-from irg_jax.verify.scene_parser import ParserConfig
+from irg_jax.synthetic import scenes
+from irg_jax.synthetic.verify.results import format_table, score_results
+from irg_jax.synthetic.verify.scene_parser import ParserConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Score generated images of the synthetic world with the verifier.")
     p.add_argument("results_dir", help="folder of per-prompt folders (result.json, turn1.png, turn2.png, ...)")
-    p.add_argument("--world", help="world.json written by irg_jax.data.synthetic (takes its colours)")
+    p.add_argument("--world", help="world.json written by irg_jax.synthetic.world (takes its colours)")
     p.add_argument("--colours", help=f"comma-separated palette colours (default {','.join(scenes.DEFAULT_COLOURS)})")
     p.add_argument("--position-margin", type=float, default=0.1, help="share of the image width")
     p.add_argument("--out", help="where to write the scores (default RESULTS_DIR/scores.json)")

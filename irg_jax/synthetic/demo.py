@@ -1,23 +1,24 @@
 """The demo: IRG end to end on a CPU, scored by the verifier.
 
-    python -m irg_jax.demo --workdir DIR [--quick] [--seed S]      (``make demo [QUICK=1] [SEED=S]``)
+    python -m irg_jax.synthetic.demo --workdir DIR [--quick] [--seed S]   (``make demo [QUICK=1] [SEED=S]``)
 
-It runs the project's real entry points one after the other, each as its own process:
+It runs the project's real entry points one after the other, each as its own process
+(``synthetic.X`` is ``irg_jax.synthetic.X``):
 
-1. ``irg_jax.data.synthetic``   the synthetic world (six IRGL mode datasets + held-out prompts);
-2. ``irg_jax.train`` stage 1    (configs/irgl_stage1.py:demo) — all six learning modes;
-3. ``irg_jax.data.own_images``  the stage-1 model draws image 1 of the first trajectories itself
-                                (given their think 1); the verifier's findings become the reflection;
-4. ``irg_jax.train`` stage 2    (configs/irgl_stage2.py:demo on that data, init_from the stage-1 run),
-                                with the refinement bridge (``data.refine_bridge_start``) on;
-5. ``irg_jax.train`` 0 steps    the untrained baseline (the initial parameters, exported);
-6. ``irg_jax.generate``         the IRG loop (think, image 1, reflection, image 2) on held-out
-                                prompts (turn 2 from ``--refine_start``), for the trained model
-                                (``samples_per_prompt`` runs each) and the untrained one (once each);
-7. ``irg_jax.verify``           verifier accuracy of turn 1 and turn 2;
-8. ``irg_jax.given_reflection``  turn 2 again with the verifier's findings on image 1 given as
-                                the reflection (teacher-forced; same think 1, image 1 and noise),
-                                then ``irg_jax.verify`` on it.
+1. ``synthetic.world``            the synthetic world (six IRGL mode datasets + held-out prompts);
+2. ``irg_jax.train`` stage 1      (configs/irgl_stage1.py:demo) — all six learning modes;
+3. ``synthetic.own_images``       the stage-1 model draws image 1 of the first trajectories itself
+                                  (given their think 1); the verifier's findings become the reflection;
+4. ``irg_jax.train`` stage 2      (configs/irgl_stage2.py:demo on that data, init_from the stage-1 run),
+                                  with the refinement bridge (``data.refine_bridge_start``) on;
+5. ``irg_jax.train`` 0 steps      the untrained baseline (the initial parameters, exported);
+6. ``irg_jax.generate``           the IRG loop (think, image 1, reflection, image 2) on held-out
+                                  prompts (turn 2 from ``--refine_start``), for the trained model
+                                  (``samples_per_prompt`` runs each) and the untrained one (once each);
+7. ``synthetic.verify``           verifier accuracy of turn 1 and turn 2;
+8. ``synthetic.given_reflection`` turn 2 again with the verifier's findings on image 1 given as
+                                  the reflection (teacher-forced; same think 1, image 1 and noise),
+                                  then ``synthetic.verify`` on it.
 
 The report takes the refinement apart: turn 2 with the model's own reflection, turn 2 with the
 verifier's reflection, and how often the model's reflection agrees with the verifier.
@@ -39,7 +40,7 @@ import sys
 import time
 from typing import Sequence
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]  # irg_jax/synthetic/demo.py -> the repository
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ class DemoPlan:
     cfg_text: float = 1.5
     cfg_img: float = 1.0
     grid_rows: int = 8
-    # The world's system prompt (irg_jax.data.synthetic --system-prompt): "tiny" (6 words) instead
+    # The world's system prompt (irg_jax.synthetic.world --system-prompt): "tiny" (6 words) instead
     # of "short" (33 words), which was a third of every initial sample's tokens.
     system_prompt: str = "tiny"
 
@@ -134,7 +135,7 @@ def train_args(stage: int, world: pathlib.Path, workdir: pathlib.Path, steps: in
 def generate_args(export: pathlib.Path, prompts: pathlib.Path | None, out: pathlib.Path, image_px: int,
                   system_prompt: pathlib.Path, plan: DemoPlan, seed: int) -> list[str]:
     """Flags of ``irg_jax.generate`` (``prompts`` None: the sampling flags and ``--out`` only, for
-    ``irg_jax.given_reflection``)."""
+    ``irg_jax.synthetic.given_reflection``)."""
     return ["--checkpoint", str(export), *(["--prompts", str(prompts)] if prompts else []), "--out", str(out),
             "--image_size", str(image_px), "--num_steps", str(plan.flow_steps),
             "--max_think_tokens", str(plan.max_think_tokens), "--system_prompt", f"@{system_prompt}",
@@ -171,10 +172,10 @@ def reflection_agreement(samples: pathlib.Path, scores: dict) -> dict:
     """How the reflection's verdict lines up with the verifier's, and what turn 2 made of it.
 
     Each run falls in one cell: image 1 passed or failed the verifier x the reflection says the
-    image already matches (``synthetic_text`` template "correct") or names a defect; a cell
+    image already matches (``synthetic.text`` template "correct") or names a defect; a cell
     counts its runs and those whose image 2 passes. Refinement can only beat turn 1 where the
     reflection tells passing from failing first images apart (and turn 2 keeps what passed)."""
-    from irg_jax.data.synthetic_text import fill
+    from irg_jax.synthetic.text import fill
     words = lambda text: " ".join(re.findall(r"[a-z0-9]+", text.lower()))  # noqa: E731 (detokenised spacing)
     matches = words(fill("correct"))
     cells = {f"image1_{a}": {f"reflection_{b}": {"runs": 0, "image2_passed": 0} for b in ("matches", "names_defect")}
@@ -204,11 +205,11 @@ def refinement_breakdown(own: pathlib.Path, own_scores: dict, given: pathlib.Pat
 
     ``own_reflection``: turn 2 after the model's own reflection (the IRG loop as run);
     ``verifier_reflection``: turn 2 of the same runs with the verifier's findings on image 1
-    given as the reflection (``irg_jax.given_reflection``); for each, the runs whose image
+    given as the reflection (``irg_jax.synthetic.given_reflection``); for each, the runs whose image
     1 / image 2 pass and the runs turn 2 fixed or broke. ``agreement``: the model's reflection
     against the verifier — the same verdict (says image 1 already matches exactly when the
     verifier passes it) and the same findings (its first section holds the verifier's)."""
-    from irg_jax.data.synthetic_text import fill
+    from irg_jax.synthetic.text import fill
     matches = _words(fill("correct"))
     by_folder = {r["folder"]: r for r in given_scores["prompts"] if "turn2" in r}
     rows = {k: dict(runs=0, image1_passed=0, image2_passed=0, fixed=0, broken=0)
@@ -315,7 +316,7 @@ def write_report(workdir: pathlib.Path, report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m irg_jax.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m irg_jax.synthetic.demo", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--quick", action="store_true", help="a smoke run (< 5 min): fewer steps and prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] {'QUICK ' if args.quick else ''}run, seed {args.seed}, workdir {work}: {plan}", flush=True)
 
     world = work / "world"
-    stage.run("world", "irg_jax.data.synthetic",
+    stage.run("world", "irg_jax.synthetic.world",
               ["--out", str(world), "--num", str(plan.trajectories), "--seed", str(args.seed),
                "--jitter", str(plan.jitter), "--quality-prob", str(plan.quality_prob),
                "--system-prompt", plan.system_prompt],
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     stage.run("stage1", "irg_jax.train", train_args(1, world, s1, plan.stage1_steps, args.seed),
               done=s1 / "export" / "export.json")
     own = work / "world_own"
-    stage.run("own_images", "irg_jax.data.own_images",
+    stage.run("own_images", "irg_jax.synthetic.own_images",
               ["--world", str(world), "--checkpoint", str(s1 / "export"), "--out", str(own),
                "--num", str(plan.own_images), "--seed", str(args.seed), "--num_steps", str(plan.flow_steps),
                "--timestep_shift", str(plan.timestep_shift)],
@@ -366,20 +367,20 @@ def main(argv: list[str] | None = None) -> int:
         stage.run(f"generate_{name}", "irg_jax.generate",
                   generate_args(export, prompt_files[name], out, world_cfg["size"], system_prompt, plan, args.seed),
                   done=out / "scores.json")
-        stage.run(f"verify_{name}", "irg_jax.verify", [str(out), "--world", str(world / "world.json")],
+        stage.run(f"verify_{name}", "irg_jax.synthetic.verify", [str(out), "--world", str(world / "world.json")],
                   done=None)
         accuracy[name] = _accuracy(json.loads((out / "scores.json").read_text()))
 
     given = work / "samples" / "trained_verifier_reflection"
-    stage.run("given_reflection", "irg_jax.given_reflection",
+    stage.run("given_reflection", "irg_jax.synthetic.given_reflection",
               [*generate_args(s2 / "export", None, given, world_cfg["size"], system_prompt, plan, args.seed),
                "--samples", str(work / "samples" / "trained"), "--world", str(world / "world.json")],
               done=given / "scores.json")
-    stage.run("verify_given_reflection", "irg_jax.verify", [str(given), "--world", str(world / "world.json")],
-              done=None)
+    stage.run("verify_given_reflection", "irg_jax.synthetic.verify",
+              [str(given), "--world", str(world / "world.json")], done=None)
 
-    from irg_jax.verify.grid import render_grid, verdicts_from_scores
-    from irg_jax.verify.results import result_folders
+    from irg_jax.synthetic.verify.grid import render_grid, verdicts_from_scores
+    from irg_jax.synthetic.verify.results import result_folders
     trained = work / "samples" / "trained"
     trained_scores = json.loads((trained / "scores.json").read_text())
     render_grid(result_folders(trained)[: plan.grid_rows], work / "grid.png",

@@ -19,7 +19,7 @@ shape can be told apart and the prompt space is large enough to hold some out.
 
 ``PromptSpec.key`` identifies prompts with the same meaning ("a circle left of a
 square" and "a square right of a circle"); held-out prompts are disjoint by key.
-The verifier parses prompt text back into a ``PromptSpec`` (``irg_jax.verify``).
+The verifier parses prompt text back into a ``PromptSpec`` (``irg_jax.synthetic.verify``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import dataclasses
 import itertools
 from typing import Mapping, Sequence
 
-from irg_jax.data import scenes
+from irg_jax.synthetic import scenes
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")

@@ -1,6 +1,6 @@
 """Improving-mode data built from the model's own first images.
 
-    python -m irg_jax.data.own_images --world WORLD --checkpoint EXPORT --out DIR [--num N]
+    python -m irg_jax.synthetic.own_images --world WORLD --checkpoint EXPORT --out DIR [--num N]
 
 IRG's improving modes learn to reflect on, and redraw, the first images of a generator.
 The synthetic world's image 1 is a clean render with one deliberate defect; a model
@@ -30,11 +30,11 @@ from typing import Sequence
 
 from PIL import Image
 
-from irg_jax.data import scenes
-from irg_jax.data import synthetic_text as text
+from irg_jax.synthetic import scenes
+from irg_jax.synthetic import text
 from irg_jax.data.trajectories import (THINK_CLOSE, THINK_OPEN, ModeDatasetWriter, TrajectoryRecord,
                                        read_records_jsonl)
-from irg_jax.verify import ParserConfig, Verdict, parse_prompt, verify_image
+from irg_jax.synthetic.verify import ParserConfig, Verdict, parse_prompt, verify_image
 
 COPIED_FILES = ("word_vocab.json", "vocab.json", "heldout_prompts.jsonl")
 
@@ -172,8 +172,8 @@ def build(world: pathlib.Path, checkpoint: str, out: pathlib.Path, *, num: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m irg_jax.data.own_images", description=__doc__.split("\n")[0])
-    p.add_argument("--world", required=True, help="a synthetic world (irg_jax.data.synthetic --out)")
+    p = argparse.ArgumentParser(prog="python -m irg_jax.synthetic.own_images", description=__doc__.split("\n")[0])
+    p.add_argument("--world", required=True, help="a synthetic world (irg_jax.synthetic.world --out)")
     p.add_argument("--checkpoint", required=True, help="export directory of the model that draws image 1")
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, required=True, help="trajectories whose image 1 the model draws")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from irg_jax.data import scenes
-from irg_jax.data.synthetic_prompts import NUMBER_WORDS, ObjectGroup, PromptSpec, RELATIONS
-from irg_jax.verify.scene_parser import DetectedObject
+from irg_jax.synthetic import scenes
+from irg_jax.synthetic.prompts import NUMBER_WORDS, ObjectGroup, PromptSpec, RELATIONS
+from irg_jax.synthetic.verify.scene_parser import DetectedObject
 
 _SINGULAR = {**{s: s for s in scenes.SHAPES}, **{p: s for s, p in scenes.PLURALS.items()}}
 _COUNTS = {w: i for i, w in enumerate(NUMBER_WORDS) if i > 0} | {str(i): i for i in range(1, 10)}

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
-from irg_jax.data import scenes
-from irg_jax.data.synthetic_prompts import NUMBER_WORDS, RELATIONS
+from irg_jax.synthetic import scenes
+from irg_jax.synthetic.prompts import NUMBER_WORDS, RELATIONS
 from irg_jax.data.trajectories import (SECTION_FINAL_PROMPT, SECTION_GUIDANCE, SECTION_IMPROVEMENTS,  # noqa: F401
                                        SYSTEM_PROMPT_FULL, SYSTEM_PROMPT_SHORT, THINK_CLOSE, THINK_OPEN)
 
@@ -62,7 +62,7 @@ TEMPLATES = {
     "quality": "the image matches the prompt , but the shapes are blotchy and there are stray patches .",
     "quality_improvement": "- every shape must be one flat colour with sharp edges on a clean background .",
     "quality_guidance": "1. redraw every shape in one flat colour .\n2. remove the stray patches .",
-    # Reflections on the model's own first images (irg_jax.data.own_images), from the verifier's findings.
+    # Reflections on the model's own first images (irg_jax.synthetic.own_images), from the verifier's findings.
     "own_too_few": "the image shows too few {plural} .",
     "own_too_many": "the image shows too many {plural} .",
     "own_missing": "the {words} is missing .",

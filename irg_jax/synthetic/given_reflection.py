@@ -1,19 +1,19 @@
 """Turn 2 with the verifier's findings given as the reflection (teacher-forced), for the demo report.
 
-    python -m irg_jax.given_reflection --checkpoint EXPORT --samples SAMPLES --world WORLD/world.json \\
+    python -m irg_jax.synthetic.given_reflection --checkpoint EXPORT --samples SAMPLES --world WORLD/world.json \\
         --out OUT [the sampling flags of irg_jax.generate]
 
-SAMPLES is a verified ``irg_jax.generate`` output (``scores.json`` written by ``irg_jax.verify``).
+SAMPLES is a verified ``irg_jax.generate`` output (``scores.json`` written by ``irg_jax.synthetic.verify``).
 For every run in it, this re-runs turn 2 of the same IRG loop with one change: the reflection
 is not sampled but prefilled, and it is the one the verifier's findings on image 1 give
-(:func:`irg_jax.data.own_images.own_reflection`, the text stage 2 trained on). Everything
+(:func:`irg_jax.synthetic.own_images.own_reflection`, the text stage 2 trained on). Everything
 else is the run's own: its prompt, its think 1 (prefilled as given), its image 1 (read back
 from ``turn1.png``: the loop feeds back that uint8 picture), and its row key and seed, so the
 fed-back VAE noise and turn 2's starting noise are those of the run. Use the same sampling
 flags as the run (the demo passes the same ones).
 
 OUT/<run>/ gets ``turn1.png``/``turn1.txt`` (copies), ``turn2.png`` and ``turn2.txt`` (the
-given reflection) and ``result.json``; score it with ``python -m irg_jax.verify OUT``. Runs
+given reflection) and ``result.json``; score it with ``python -m irg_jax.synthetic.verify OUT``. Runs
 on the default device, one batch of ``--batch_size`` runs per call.
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ def verifier_reflections(samples: pathlib.Path, scores: dict, colours) -> list[d
     verifier's findings on image 1 give (re-verified from ``turn1.png``, as own_images does)."""
     from PIL import Image
 
-    from irg_jax.data.own_images import findings, own_reflection
-    from irg_jax.verify import ParserConfig, verify_image
+    from irg_jax.synthetic.own_images import findings, own_reflection
+    from irg_jax.synthetic.verify import ParserConfig, verify_image
     parser = ParserConfig(colours=tuple(colours))
     out = []
     for run in scores["prompts"]:
@@ -134,7 +134,7 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from irg_jax.inference.cli import ArgumentParser, add_sampling_flags, run_cli
-    p = ArgumentParser(prog="python -m irg_jax.given_reflection", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m irg_jax.synthetic.given_reflection", description=__doc__.split("\n")[0])
     add_sampling_flags(p)
     p.add_argument("--samples", required=True, help="a verified irg_jax.generate output (with scores.json)")
     p.add_argument("--world", required=True, help="the world's world.json (its colours)")

@@ -1,6 +1,6 @@
 """The synthetic, verifiable IRG world: scenes, trajectories and the six mode datasets.
 
-    python -m irg_jax.data.synthetic --out DIR --num N --seed S [--size 32] [--heldout K]
+    python -m irg_jax.synthetic.world --out DIR --num N --seed S [--size 32] [--heldout K]
 
 Each trajectory: a templated prompt of a GenEval category; a think-1 plan that fixes
 what the prompt leaves open (colours, sizes, places); image 1, which with probability
@@ -33,9 +33,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from irg_jax.data import scenes
-from irg_jax.data import synthetic_text as text
-from irg_jax.data.synthetic_prompts import CATEGORIES, INVERSE_RELATION, MAX_COUNT, PromptSpec, prompt_space
+from irg_jax.synthetic import scenes
+from irg_jax.synthetic import text
+from irg_jax.synthetic.prompts import CATEGORIES, INVERSE_RELATION, MAX_COUNT, PromptSpec, prompt_space
 from irg_jax.data.tokenizer import WordTokenizer
 from irg_jax.data.trajectories import DEFAULT_ROWS_PER_GROUP, ModeDatasetWriter, TrajectoryRecord
 
@@ -475,7 +475,7 @@ def write_result_folders(records: Iterator[TrajectoryRecord] | Sequence[Trajecto
         (folder / "turn2.png").write_bytes(record.image2)
         (folder / "turn1.txt").write_text(record.think1, encoding="utf-8")
         (folder / "turn2.txt").write_text(record.think2, encoding="utf-8")
-        result = {"prompt": record.prompt, "source": "irg_jax.data.synthetic ground truth",
+        result = {"prompt": record.prompt, "source": "irg_jax.synthetic.world ground truth",
                   "category": record.metadata.get("category"), "defect": record.metadata.get("defect")}
         (folder / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         folders.append(folder)

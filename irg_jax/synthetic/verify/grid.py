@@ -1,6 +1,6 @@
 """A PNG grid of IRG examples: prompt | think 1 | image 1 | reflection | image 2, one row each.
 
-    python -m irg_jax.verify.grid RESULTS_DIR --out grid.png [--rows 8]
+    python -m irg_jax.synthetic.verify.grid RESULTS_DIR --out grid.png [--rows 8]
 
 Reads the per-prompt folders the verifier scores (``result.json``, ``turn1.png``,
 ``turn2.png``); the texts come from ``turn1.txt``/``turn2.txt`` or, failing that, from
@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from irg_jax.verify.results import read_prompt, result_folders
+from irg_jax.synthetic.verify.results import read_prompt, result_folders
 
 _PAD = 6
 _HEADERS = ("prompt", "think 1", "image 1", "reflection", "image 2")
