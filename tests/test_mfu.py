@@ -3,15 +3,19 @@ import logging
 import math
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _segment_pack import pack_from_segments
 from irg_jax.config.irgl import irgl_config
 from irg_jax.data.packed_batch import PackBudgets
 from irg_jax.model.attention import CAUSAL, NOISE, TokenMeta, allowed_mask
 from irg_jax.model.bagel import training_flops
 from irg_jax.model.kernels.block_lists import block_share
+from irg_jax.parallel.mesh import build_mesh
 from irg_jax.train import mfu
+from irg_jax.train.setup import train_setup
 
 
 def _packs():
@@ -67,3 +71,33 @@ def test_unknown_device_kind_logs_mfu_unavailable_and_goes_on(caplog):
     assert math.isnan(mfu.mfu(1e12, 1.0, peak, 8))
     known = types.SimpleNamespace(device_kind="TPU v5 lite", platform="tpu")
     assert mfu.peak_flops_per_device(known)[0] == 197e12
+
+
+def test_train_step_window_sums_each_batchs_attention_pairs():
+    """The loop's MFU pairs are the step's window sums: two steps of the real train step add up
+    exactly :func:`mfu.batch_attention_pairs` of their two batches, and ``window_pairs`` (what
+    the loop reports) is their mean."""
+    config = irgl_config(1, "tiny")
+    config.batch_size = 2  # on 2 of the 8 devices: the batch sharded, a small compile
+    config.model.attention.block_q = config.model.attention.block_k = 8  # several tiles per pack
+    ids = config.model.special_ids
+    text = lambda n: [ids.bos] + [7] * (n - 2) + [ids.eos]  # noqa: E731
+    # Same budgets, different masks: one document, or two documents sharing the pack.
+    one_doc = [(0, "text", text(9)), (0, "noisy", 4), (0, "text", text(5))]
+    two_docs = [(0, "text", text(6)), (0, "noisy", 4), (1, "text", text(8))]
+    packs = [pack_from_segments(s, config.model, vae_image_size=(32, 32))[0] for s in (one_doc, two_docs)]
+    setup = train_setup(config, build_mesh(config.mesh, jax.devices()[:2]))
+    setup.place_constants()
+    state, window = setup.create_state(setup.init_params()), setup.new_window(0)
+    rows = [0, 1], [1, 1]  # one pack of each; both two_docs
+    batches = [jax.device_put({k: np.stack([packs[r][k] for r in rs]) for k in packs[0]}, setup.batch_sharding)
+               for rs in rows]
+    with setup.active():
+        for batch in batches:
+            state, window, _ = setup.step(state, batch, window, *setup.constants)
+    host = jax.device_get(window)
+    want = [np.asarray(mfu.batch_attention_pairs(b, config.model.attention)) for b in batches]
+    assert want[0][0] != want[1][0] and want[0][0] < want[0][1]  # the batches differ; not every pair computed is allowed
+    got = np.stack([host["sums"][k] for k in mfu.PAIR_SUMS])
+    np.testing.assert_array_equal(got, want[0] + want[1])
+    np.testing.assert_array_equal(mfu.window_pairs(host["sums"], int(host["steps"])), (want[0] + want[1]) / 2)

@@ -25,6 +25,7 @@ import time
 import jax
 import ml_collections
 from absl import logging
+from clu import parameter_overview
 
 from irg_jax import runtime
 from irg_jax.config import resume as resume_lib
@@ -119,6 +120,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     setup = train_setup(config, mesh, autoencoder=init_from.load_autoencoder(config))
     setup.place_constants()
     bundle = setup.bundle
+    # The parameter table (name, shape, dtype, size, PartitionSpec) from the abstract state: no
+    # device work, so process 0 alone can write it.
+    parameter_overview.log_parameter_overview(setup.abstract_state.params, include_stats="sharding",
+                                              msg="model parameters", jax_logging_process=0)
     held, copied = replicated_share(setup.abstract_state, setup.state_shardings)
     logging.info("train state: %.2f GiB per device, of which %.2f GiB (%.1f%%) fully replicated",
                  held / 2**30, copied / 2**30, 100 * copied / max(held, 1))
@@ -158,9 +163,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = ProgressLine(config.total_steps, start)
     sigterm = _Sigterm()
     last: dict = {}
-    # MFU counts the attention the mask allows (model FLOPs) and the tiles the kernel computes
-    # (hardware FLOPs): (allowed, computed) pairs of each batch, summed on device over the window.
-    window_pairs = None
     guard = _NonFiniteGuard(config.nan_guard.max_consecutive, ckpt)
     samples = TrainingSamples(config, bundle, tokenizer, workdir, writer, mesh) if config.sample_every else None
     window, window_t0, metrics = setup.new_window(start), time.perf_counter(), None
@@ -175,8 +177,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batch = next(data_iter)
                 with jax.transfer_guard("disallow"):
                     state, window, metrics = step_fn(state, batch, window, *setup.constants)
-                    pairs = mfu_lib.batch_attention_pairs(batch, config.model.attention)
-                    window_pairs = pairs if window_pairs is None else window_pairs + pairs
                 checked = False
                 done = step + 1
                 log_step = done % config.log_every == 0 or done == config.total_steps
@@ -192,16 +192,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     scalars = {k: float(v) for k, v in host_metrics.items()}
                     sums = host_window["sums"]
                     scalars.update({k: float(sums[k]) / n for k in AVERAGED})  # window means
+                    # MFU counts the attention the mask allows (model FLOPs) and the tiles the kernel
+                    # computes (hardware FLOPs): the window's mean (allowed, computed) pairs per step.
                     scalars.update(
                         step_time=elapsed / n, tokens_per_s=float(sums["real_tokens"]) / elapsed,
                         **mfu_lib.mfu_scalars(config.model, config.batch_size, budgets[-1],
-                                              jax.device_get(window_pairs) / n, elapsed / n, peak, peak_devices),
+                                              mfu_lib.window_pairs(sums, n), elapsed / n, peak, peak_devices),
                         nonfinite_total=int(jax.device_get(state.nonfinite_total)),
                         compilations=step_fn.num_compiled, **data_iter.metrics())
                     writer.write(done, scalars)
                     progress.log(done, scalars)
                     last = scalars
-                    window, window_t0, window_pairs = setup.new_window(done), time.perf_counter(), None
+                    window, window_t0 = setup.new_window(done), time.perf_counter()
                 if samples and done % config.sample_every == 0:
                     samples(done, state.ema or state.params)
                 stopped = sigterm.stop(sync_point=save_step or log_step)

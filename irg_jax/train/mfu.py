@@ -44,6 +44,8 @@ PEAK_FLOPS = (
     ("v4", 275e12),
 )
 META_FIELDS = ("doc_id", "split_id", "split_mode", "seq_pos")
+# The attention pairs of each step, summed in the step's metrics window: (allowed, computed).
+PAIR_SUMS = ("attention_allowed_pairs", "attention_computed_pairs")
 
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
@@ -122,6 +124,18 @@ def batch_attention_pairs(batch, attn_cfg) -> jax.Array:
     impl = resolve_impl(attn_cfg.impl)
     return attention_pairs(*(batch[f] for f in META_FIELDS), block_q=int(attn_cfg.block_q),
                            block_k=int(attn_cfg.block_k), impl=impl if impl in ("chunked", "dense") else "pallas")
+
+
+def batch_pair_sums(batch, attn_cfg) -> dict:
+    """{name: count} for :data:`PAIR_SUMS`: the train step adds these into its metrics window
+    (``irg_jax.train.setup``), so the loop gets the window's pairs with the window itself."""
+    pairs = batch_attention_pairs(batch, attn_cfg)
+    return {name: pairs[i] for i, name in enumerate(PAIR_SUMS)}
+
+
+def window_pairs(sums: dict, steps: int) -> np.ndarray:
+    """float32 [2]: mean (allowed, computed) pairs per step of a fetched window's ``sums``."""
+    return np.stack([np.asarray(sums[name], np.float32) for name in PAIR_SUMS]) / steps
 
 
 def attention_flops_per_pair(model_cfg) -> float:

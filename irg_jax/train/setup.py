@@ -10,7 +10,8 @@ and the tests all call, so the step they run, plan or time is the same program:
   arguments, replicated on every device of the mesh, not closed over (closed-over arrays
   become XLA constants that sit on one device and that ``memory_analysis`` does not count);
 - the step also adds its metrics into a small on-device *window* (sums since the last log,
-  non-finite steps), so the loop reads nothing back between log and checkpoint steps.
+  non-finite steps, and the attention pairs MFU counts: ``irg_jax.train.mfu``), so the loop
+  reads nothing back between log and checkpoint steps.
 
 ``step(state, batch, window, ae_state, tables) -> (state, window, metrics)``; state and window are
 donated; ``metrics`` are the step's own scalars (replicated, left on the devices).
@@ -30,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from irg_jax.parallel.sharding import activation_rules
+from irg_jax.train import mfu as mfu_lib
 from irg_jax.train import model_setup
 from irg_jax.train import state as state_lib
 from irg_jax.train.optimizer import make_optimizer, step_frozen_fn
@@ -51,7 +53,7 @@ def new_window(iteration: int) -> dict:
     return {
         "steps": i32(0),
         "iteration": i32(iteration),      # loop iterations done (the loop's `done`)
-        "sums": {k: np.zeros((), np.float32) for k in AVERAGED + ("real_tokens",)},
+        "sums": {k: np.zeros((), np.float32) for k in AVERAGED + ("real_tokens",) + mfu_lib.PAIR_SUMS},
         "skipped": i32(0),                # non-finite (skipped) steps in this window
         "last_skipped": i32(-1),          # iteration of the last of them
         "stop_at": i32(-1),               # iteration where the non-finite streak reached the limit
@@ -163,7 +165,8 @@ def train_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
         traced = dataclasses.replace(template, autoencoder=nnx.merge(ae_graphdef, ae_state), consts=tables)
         train_step = make_train_step(model_setup.make_forward(traced), tx, schedule, config, step_frozen)
         state, metrics = train_step(state, batch)
-        return state, _accumulate(window, metrics, max_streak), metrics
+        summed = {**metrics, **mfu_lib.batch_pair_sums(batch, config.model.attention)}  # pairs: window only
+        return state, _accumulate(window, summed, max_streak), metrics
 
     window_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), new_window(0))
     window_shardings = jax.tree.map(lambda _: replicated, window_shapes)
