@@ -21,20 +21,10 @@ from irg_jax.convert import __main__ as cli
 from irg_jax.convert import to_bagel
 from irg_jax.convert.plan import build_plan
 from irg_jax.convert import params_dir
-from test_convert import SIZES, random_bagel_state, write_config_jsons
+from _bagel_folders import SIZES, write_config_jsons
+from _bagel_folders import fixture, random_state  # noqa: F401 (pytest fixtures)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def fixture(fixtures_dir):
-    return fixtures_dir / "bagel_tiny"
-
-
-@pytest.fixture(scope="module")
-def random_state(fixture):
-    z = json.loads((fixture / "ae_config.json").read_text())["z_channels"]
-    return random_bagel_state(SIZES, z, np.random.default_rng(1))
 
 
 def write_sharded_source(folder, fixture, tensors, n=3, stem="model"):
