@@ -57,7 +57,7 @@ from flax import nnx  # noqa: E402
 
 from irg_jax.data import packed_batch  # noqa: E402
 from irg_jax.model.autoencoder import build_autoencoder  # noqa: E402
-from irg_jax.model.bagel import forward_flops, training_flops  # noqa: E402
+from irg_jax.model.bagel import forward_flops, recompute_flops, training_flops  # noqa: E402
 from irg_jax.parallel.mesh import MESH_AXES, build_mesh, parse_mesh  # noqa: E402
 from irg_jax.parallel.memory import largest_values, shard_bytes  # noqa: E402
 from irg_jax.parallel.sharding import replicated_share  # noqa: E402
@@ -126,6 +126,7 @@ class StepPlan:
     memory: MemoryPlan               # per device
     analytic_flops: float            # model FLOPs per step (forward + backward)
     analytic_breakdown: dict[str, float]  # forward FLOPs per step by component
+    recompute_flops: float           # what rematerialisation adds (bagel.recompute_flops)
     xla_flops: float                 # compiled per-device count x devices (loop bodies counted once)
     xla_loops: bool                  # True if the compiled program has while loops (under-count)
     largest_values: list[dict]       # the biggest arrays of the compiled program (see largest_values)
@@ -208,6 +209,7 @@ def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan
         memory=memory,
         analytic_flops=float(training_flops(config.model, **shapes)),
         analytic_breakdown={k: float(v) for k, v in forward_flops(config.model, **shapes).items()},
+        recompute_flops=recompute_flops(config.model, **shapes),
         xla_flops=float(cost.get("flops", 0.0)) * len(devices),
         xla_loops=" while(" in hlo, largest_values=largest_values(hlo),
         lower_seconds=t1 - t0, compile_seconds=t2 - t1, hlo_text=hlo)
@@ -248,6 +250,8 @@ def format_plan(plan: StepPlan, device_kind: str | None = None, target_step_time
         "",
         "FLOPs per step",
         f"  {'analytic (model)':<22}{plan.analytic_flops:11.4g}",
+        f"  {'+ remat recompute':<22}{plan.recompute_flops:11.4g}   "
+        f"(executed: {(plan.analytic_flops + plan.recompute_flops) / plan.analytic_flops:.3f}x the model FLOPs)",
         f"  {'XLA cost analysis':<22}{plan.xla_flops:11.4g}"
         + ("   (loop bodies counted once: an under-count)" if plan.xla_loops else ""),
     ]

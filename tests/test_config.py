@@ -1,5 +1,6 @@
 """Config loading, overrides and start-up validation."""
 import json
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,17 @@ def test_validation_names_the_key(edit, key):
         validate(c, num_devices=8)
     assert e.value.key == key
     assert str(e.value).startswith(f"config.{key}:")
+
+
+@pytest.mark.parametrize("per_save", [0, 3])
+def test_layers_per_save_must_divide_the_layers(per_save, tmp_path):
+    root = pathlib.Path(__file__).resolve().parent.parent
+    c = load_config_file(f"{root}/configs/irgl_stage1.py:tiny,data_root={tmp_path}")  # 2 decoder layers
+    c.model.layers_per_save = per_save
+    with pytest.raises(ConfigError, match=r"^config.model.layers_per_save: must be >= 1 and divide"):
+        validate(c, num_devices=8)
+    c.model.layers_per_save = 2
+    validate(c, num_devices=8)
 
 
 def test_unknown_and_missing_keys():

@@ -196,14 +196,16 @@ def test_scan_and_remat_match_and_roundtrip_keys(tiny, ref_a):
         np.testing.assert_allclose(back[k], tensors[k], rtol=0, atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("policy", ["dots_saveable", "nothing_saveable"])
-def test_remat_policies_and_token_chunks_keep_the_gradients(tiny, ref_a, policy):
-    """Each remat policy, with the MLP chunked over tokens (ragged last chunk), gives the same gradients."""
+@pytest.mark.parametrize("policy,per_save", [("dots_saveable", 1), ("nothing_saveable", 1), ("nothing_saveable", 2)])
+def test_remat_policies_and_token_chunks_keep_the_gradients(tiny, ref_a, policy, per_save):
+    """Each remat policy, with the MLP chunked over tokens (ragged last chunk), gives the same gradients;
+    so does saving one decoder-layer input per two layers."""
     _, cfg, tensors, _ = tiny
     ref, batch, _, _, x0, noise = ref_a
     chunk_cfg = cfg.copy_and_resolve_references()
     chunk_cfg.scan_layers, chunk_cfg.remat, chunk_cfg.remat_policy = True, True, policy
-    chunk_cfg.mlp_chunk = 24
+    chunk_cfg.mlp_chunk, chunk_cfg.layers_per_save = 24, per_save
+    assert cfg.llm.num_layers % per_save == 0
     model = load_bagel(tensors, chunk_cfg)
     loss, grads = _grads(model, batch, x0, noise)
     assert_close("loss", loss, ref["loss"][0])

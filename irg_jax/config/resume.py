@@ -27,7 +27,8 @@ ALLOWED_ON_RESUME: tuple[str, ...] = (
     "total_steps", "log_every", "checkpoint_every", "sample_every", "sampling",
     "checkpoint.keep", "checkpoint.async_save", "nan_guard",
     "mesh", "sharding",                      # restore reshards onto any mesh
-    "model.remat", "model.remat_policy", "model.mlp_chunk", "model.ce_chunk", "model.attention",
+    "model.remat", "model.remat_policy", "model.mlp_chunk", "model.ce_chunk",
+    "model.layers_per_save", "model.attention",
     "data.fail_fast",
 )
 

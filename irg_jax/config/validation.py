@@ -117,6 +117,10 @@ def _check_model(config) -> None:
     for key in ("mlp_chunk", "ce_chunk"):
         if int(model.get(key, 0)) < 0:
             raise ConfigError(f"model.{key}", f"must be >= 0 (0: no chunking), got {model.get(key)}")
+    per_save = int(model.get("layers_per_save", 1))
+    layers = model.get("llm", {}).get("num_layers", 1)
+    if per_save < 1 or layers % per_save:
+        raise ConfigError("model.layers_per_save", f"must be >= 1 and divide llm.num_layers={layers}, got {per_save}")
     limit = config.get("sharding", {}).get("max_unshardable_mib", 0)
     if limit is not None and limit < 0:
         raise ConfigError("sharding.max_unshardable_mib", f"must be >= 0 (or None: no limit), got {limit}")

@@ -216,6 +216,7 @@ class Decoder(nnx.Module):
         self.scan_layers = bool(model_cfg.scan_layers)
         self.remat_policy = remat.policy_name(model_cfg)
         mlp_chunk = int(model_cfg.get("mlp_chunk", 0))
+        self.layers_per_save = int(model_cfg.get("layers_per_save", 1))
         self.embed_tokens = Embedding(llm.vocab_size, llm.hidden_size, rngs=rngs)
         if self.scan_layers:
             self.layers = _stack_layers(llm, attn_cfg, rngs, mlp_chunk)
@@ -236,7 +237,8 @@ class Decoder(nnx.Module):
         in place (see :mod:`irg_jax.model.cached_attention`); the result's ``past_kv`` is the cache after.
         ``with_kv=False`` (training) returns no keys/values; with scanned layers under the
         ``nothing_saveable`` policy the layers then run through :func:`layer_scan.scan_layers`,
-        which saves each layer's input in the compute dtype for the backward pass.
+        which saves each layer's input (or every ``model.layers_per_save``-th) in the compute dtype
+        for the backward pass.
         """
         cos, sin = rope_tables(rope_pos, self.llm.head_dim, self.llm.rope_theta)
         x = constrain(x, ("batch", "length", "embed"))
@@ -249,7 +251,8 @@ class Decoder(nnx.Module):
                 h, _, _ = nnx.merge(graphdef, state)(h, cos, sin, meta, und_len)
                 return h
 
-            x = layer_scan.scan_layers(layer_fn, ("batch", "length", "embed"), states, x, (cos, sin, meta))
+            x = layer_scan.scan_layers(layer_fn, ("batch", "length", "embed"), self.layers_per_save, states, x,
+                                       (cos, sin, meta))
             return DecoderOutput(self.final_norm(x, und_len), None, None, None)
 
         # the cache arrays are loop state of the layer loop (see cached_attention): (keys, values) or None

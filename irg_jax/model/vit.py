@@ -165,7 +165,7 @@ class SiglipEncoder(nnx.Module):
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in self.layers))
             if self.remat_policy == "nothing_saveable":  # inputs saved in the compute dtype
                 x = layer_scan.scan_layers(lambda state, h, meta: block(state, graphdef, h, meta),
-                                           ("batch", "length", "vit_embed"), stacked, x, meta)
+                                           ("batch", "length", "vit_embed"), 1, stacked, x, meta)
             else:
                 x, _ = jax.lax.scan(lambda h, state: (run(state, graphdef, h, meta), None), x, stacked)
         else:
