@@ -14,6 +14,7 @@ from irg_jax.model.autoencoder import FluxAutoEncoder, IdentityAutoEncoder, buil
 from irg_jax.convert.param_loading import build_from_arrays
 from irg_jax.model.vit import Connector, SiglipEncoder, vit_pos_embed_table
 from irg_jax.convert.vit_keys import load_vit_and_connector
+from irg_jax.parallel import sharding
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -192,7 +193,7 @@ def test_every_parameter_has_logical_axes(tiny):
         assert flat, name
         for path, var in flat:
             assert isinstance(var, nnx.Param), (name, path)
-            axes = var.get_metadata().get("logical_axes")
+            axes = sharding.logical_axes(var)
             assert axes is not None and len(axes) == len(var.get_value().shape), (name, path, axes)
 
 

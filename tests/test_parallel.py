@@ -133,3 +133,42 @@ def test_large_unshardable_parameter_is_an_error_naming_it():
     divisible = nnx.state(nnx.eval_shape(lambda: TwoLayerMLP(64, 128, nnx.Rngs(0))))
     shardings = sharding.state_shardings(divisible, mesh, DEFAULT_RULES, max_unshardable_bytes=1024)
     assert shardings["w1"].spec == P("fsdp", None)
+
+
+def test_logical_names_are_flax_partitioning_metadata():
+    """The logical names live in Flax's own metadata: nnx.get_partition_spec reads them (as
+    names; our rules table maps them), and creating a parameter under a mesh does not try to
+    place it by those names (eager sharding is off for them)."""
+    mesh = build_mesh({"fsdp": 8})
+    with jax.set_mesh(mesh):
+        model = TwoLayerMLP(64, 128, nnx.Rngs(0))
+    specs = nnx.get_partition_spec(nnx.state(model))
+    assert specs["w1"].get_value() == P("embed", "mlp")
+    assert specs["b1"].get_value() == P("mlp")
+    assert sharding.logical_axes(model.w2) == ("mlp", "embed")
+    shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: TwoLayerMLP(64, 128, nnx.Rngs(0)))),
+                                         mesh, DEFAULT_RULES)
+    assert shardings["w2"].spec == P(None, "fsdp")
+
+
+def test_stacked_decoder_layers_name_an_unsharded_layers_axis():
+    """Scanned decoder layers (nnx.vmap with transform_metadata) carry [num_layers] first, named
+    None, in front of each single layer's names; the stacked layer's values are the layers made
+    one by one from the split keys."""
+    import ml_collections
+    from irg_jax.config.irgl import irgl_config
+    from irg_jax.model import decoder as decoder_lib
+
+    model_cfg = irgl_config(stage=1, arg="tiny").model
+    llm = ml_collections.FrozenConfigDict(model_cfg.llm)
+    attn = ml_collections.FrozenConfigDict(model_cfg.attention)
+    stacked = nnx.state(decoder_lib._stack_layers(llm, attn, nnx.Rngs(3), 0))
+    keys = jax.random.split(nnx.Rngs(3).params(), llm.num_layers)
+    singles = [nnx.state(decoder_lib.DecoderLayer(llm, attn, rngs=nnx.Rngs(params=k), mlp_chunk=0)) for k in keys]
+    flat, single_flat = nnx.to_flat_state(stacked), [dict(nnx.to_flat_state(s)) for s in singles]
+    assert len(flat) == len(single_flat[0]) > 10
+    for path, var in flat:
+        one = single_flat[0][path]
+        assert sharding.logical_axes(var) == (None,) + sharding.logical_axes(one), path
+        assert var.get_value().shape == (llm.num_layers,) + one.get_value().shape, path
+        np.testing.assert_array_equal(np.asarray(var.get_value()[1]), np.asarray(single_flat[1][path].get_value()))

@@ -28,6 +28,7 @@ from irg_jax.convert.errors import ConvertError
 from irg_jax.convert import bagel_keys, vit_keys
 from irg_jax.model.bagel import Bagel
 from irg_jax.model.config import latent_token_dim
+from irg_jax.parallel.sharding import logical_axes
 
 LLM_LAYER_KEY = re.compile(r"^language_model\.model\.layers\.(\d+)\.")
 VIT_LAYER_KEY = re.compile(r"^" + re.escape(vit_keys.VIT_PREFIX) + r"encoder\.layers\.(\d+)\.")
@@ -92,7 +93,7 @@ def build_plan(model_cfg) -> Plan:
     abstract = nnx.eval_shape(lambda: Bagel(model_cfg, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     params = {tuple(p): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat}
-    axes = {tuple(p): v.get_metadata().get("logical_axes") for p, v in flat}
+    axes = {tuple(p): logical_axes(v) for p, v in flat}
     by_name = {"/".join(map(str, p)): p for p in params}
 
     moves, seen = [], {}

@@ -29,7 +29,7 @@ from irg_jax.model.decoder import Decoder
 from irg_jax.data.transforms import patchify
 from irg_jax.model.embeddings import Linear, TimestepEmbedder, sincos_2d_table
 from irg_jax.model.vit import Connector, SiglipEncoder
-from irg_jax.parallel.sharding import constrain
+from irg_jax.parallel.sharding import constrain, logical_metadata
 
 
 class FixedTable(nnx.Variable):
@@ -49,14 +49,14 @@ class Bagel(nnx.Module):
                                      remat_policy=remat.policy_name(cfg))
             self.connector = Connector(cfg.vit.hidden_size, d, rngs)
             self.vit_pos_table = FixedTable(jnp.asarray(sincos_2d_table(cfg.vit.max_patches_per_side, d)),
-                                            logical_axes=(None, "embed"))
+                                            **logical_metadata((None, "embed")))
         else:
             self.vit = self.connector = self.vit_pos_table = None
         self.time_embedder = TimestepEmbedder(d, rngs, scale=cfg.latent.get("time_scale", 1.0))
         self.vae2llm = Linear(d_lat, d, rngs=rngs, axes=("patch", "embed"))
         self.llm2vae = Linear(d, d_lat, rngs=rngs, axes=("embed", "patch"), kernel_init=nnx.initializers.zeros)
         self.latent_pos_table = FixedTable(jnp.asarray(sincos_2d_table(cfg.latent.max_latent_size, d)),
-                                           logical_axes=(None, "embed"))
+                                           **logical_metadata((None, "embed")))
 
     def rebuild_tables(self) -> None:
         """Recompute the fixed sin-cos tables (after merging an abstract model with loaded params)."""

@@ -189,21 +189,13 @@ class DecoderOutput(NamedTuple):
 
 
 def _stack_layers(llm, attn_cfg, rngs: nnx.Rngs, mlp_chunk: int) -> DecoderLayer:
-    """One DecoderLayer whose parameters carry a leading [num_layers] axis (for scan)."""
+    """One DecoderLayer whose parameters carry a leading [num_layers] axis (for scan).
+
+    ``nnx.vmap`` adds that axis to each parameter's logical names too (``PARTITION_NAME``
+    None: the layers axis is not sharded)."""
     keys = jax.random.split(rngs.params(), llm.num_layers)
-    graphdef = []
-
-    def make(key):
-        gd, state = nnx.split(DecoderLayer(llm, attn_cfg, rngs=nnx.Rngs(params=key), mlp_chunk=mlp_chunk))
-        graphdef.append(gd)
-        return state
-
-    states = jax.vmap(make)(keys)
-    layer = nnx.merge(graphdef[0], states)
-    for _, var in nnx.iter_graph(layer):
-        if isinstance(var, nnx.Variable) and var.has_metadata("logical_axes"):
-            var.set_metadata(logical_axes=(None,) + tuple(var.get_metadata()["logical_axes"]))
-    return layer
+    make = lambda key: DecoderLayer(llm, attn_cfg, rngs=nnx.Rngs(params=key), mlp_chunk=mlp_chunk)  # noqa: E731
+    return nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})(keys)
 
 
 class Decoder(nnx.Module):

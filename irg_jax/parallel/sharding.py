@@ -1,10 +1,16 @@
 """Logical-axis sharding: parameters and activations name their axes, a rules table maps names to mesh axes.
 
-Every parameter is created as ``nnx.Param(value, logical_axes=(...))`` (see
-:func:`param`). The rules table (``config.sharding.rules``) is a sequence of
-``(logical_name, mesh_axes)`` pairs, where ``mesh_axes`` is a mesh axis name, a tuple of
-names, or ``None`` (replicated). The first rule for a name wins; names without a rule
-are replicated.
+Every parameter is created by :func:`param`, which puts one logical axis name per
+dimension in Flax's own partitioning metadata (the Variable's ``out_sharding``), so Flax's
+tools read them: ``nnx.get_partition_spec`` gives the logical names, and ``nnx.vmap(...,
+transform_metadata={nnx.PARTITION_NAME: None})`` adds the stacked layers' axis (see
+``irg_jax.model.decoder``). The names are not applied when a Variable is created
+(``eager_sharding=False``): they are logical, and the rules table maps them to mesh axes
+when the state's shardings are computed (:func:`state_shardings`).
+
+The rules table (``config.sharding.rules``) is a sequence of ``(logical_name, mesh_axes)``
+pairs, where ``mesh_axes`` is a mesh axis name, a tuple of names, or ``None`` (replicated).
+The first rule for a name wins; names without a rule are replicated.
 """
 from __future__ import annotations
 
@@ -22,11 +28,25 @@ Rules = Sequence[tuple[str, Any]]
 _ACTIVE_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("irg_rules", default=None)
 
 
-def param(value: jax.Array, logical_axes: tuple[str | None, ...]) -> nnx.Param:
+def logical_metadata(logical_axes: Sequence[str | None]) -> dict[str, Any]:
+    """Variable metadata naming each dimension's logical axis, for ``nnx.Variable(value, **...)``.
+
+    Flax's ``out_sharding`` key, with eager sharding off: Flax would otherwise place the value
+    at creation, reading the logical names as mesh axes."""
+    return {"out_sharding": tuple(logical_axes), "eager_sharding": False}
+
+
+def param(value: jax.Array, logical_axes: Sequence[str | None]) -> nnx.Param:
     """A parameter with one logical axis name per dimension."""
     if len(logical_axes) != np.ndim(value):
-        raise ValueError(f"logical_axes {logical_axes} do not match parameter rank {np.ndim(value)}")
-    return nnx.Param(value, logical_axes=tuple(logical_axes))
+        raise ValueError(f"logical_axes {tuple(logical_axes)} do not match parameter rank {np.ndim(value)}")
+    return nnx.Param(value, **logical_metadata(logical_axes))
+
+
+def logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names of a Variable (None: it names none and is replicated)."""
+    names = var.get_metadata().get("out_sharding")
+    return None if names is None else tuple(names)
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, shape: Sequence[int] | None = None,
@@ -68,10 +88,6 @@ def _resolve(names, rules, shape, mesh) -> tuple[P, list[tuple[int, str, tuple[s
     return P(*out), dropped
 
 
-def _logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
-    return var.get_metadata().get("logical_axes")
-
-
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules, *,
                     max_unshardable_bytes: int | None = None) -> nnx.State:
     """NamedShardings for every leaf of an (abstract) nnx State, from its logical axes.
@@ -85,7 +101,7 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules, *,
 
     def one(path, var):
         shape = tuple(getattr(var, "shape", None) or np.shape(var.get_value()))
-        spec, dropped = _resolve(_logical_axes(var), rules, shape, mesh)
+        spec, dropped = _resolve(logical_axes(var), rules, shape, mesh)
         if dropped:
             dtype = getattr(var, "dtype", None) or np.asarray(var.get_value()).dtype
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize

@@ -150,7 +150,7 @@ def train_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     replicated = NamedSharding(mesh, P())
     abstract_state = jax.eval_shape(
         lambda p: state_lib.create(p, tx, jax.random.key(config.seed), config.ema.enabled), bundle.abstract_params)
-    state_shardings = state_lib.shardings(abstract_state, bundle.param_shardings, replicated)
+    state_shardings = state_lib.shardings(abstract_state, bundle.param_shardings, replicated, tx)
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
 
     ae_graphdef, ae_state = nnx.split(bundle.autoencoder)

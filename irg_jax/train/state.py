@@ -6,6 +6,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @flax.struct.dataclass
@@ -31,27 +32,22 @@ def create(params: Any, tx, rng: jax.Array, use_ema: bool) -> TrainState:
     )
 
 
-def shardings(abstract_state: TrainState, param_shardings: Any, replicated: jax.sharding.Sharding) -> TrainState:
+def shardings(abstract_state: TrainState, param_shardings: Any, replicated: jax.sharding.Sharding,
+              tx: optax.GradientTransformation) -> TrainState:
     """Shardings for a TrainState: params, EMA and Adam moments follow the parameter shardings.
 
-    optax nests the parameter tree inside its states, so an optimiser-state leaf takes the
-    sharding of the parameter whose path is a suffix of its own path and whose shape it
-    has; everything else (step counters, empty states) is replicated.
+    ``optax.tree_map_params`` finds the copies of the parameter tree inside ``tx``'s state
+    (the Adam moments) and gives them the parameter shardings; everything else (step
+    counters, empty states) is replicated. A statically frozen leaf holds no state: its place
+    in the moments is an ``optax.MaskedNode`` (``optax.multi_transform`` masks it out), which
+    is kept as it is (an empty node, so no sharding).
     """
-    params_flat = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
-    shard_flat = jax.tree.leaves(param_shardings)
-    by_path = {tuple(map(str, p)): (leaf.shape, s) for (p, leaf), s in zip(params_flat, shard_flat)}
-
-    def opt_leaf(path, leaf):
-        keys = tuple(map(str, path))
-        for n in range(len(keys)):
-            hit = by_path.get(keys[n:])
-            if hit is not None and hit[0] == getattr(leaf, "shape", None):
-                return hit[1]
-        return replicated
-
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_state = optax.tree_map_params(
+        tx, lambda leaf, sharding: leaf if masked(leaf) else sharding, abstract_state.opt_state, param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
     return TrainState(
         step=replicated, params=param_shardings,
         ema=param_shardings if abstract_state.ema else {},
-        opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract_state.opt_state),
+        opt_state=opt_state,
         rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)
