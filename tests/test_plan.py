@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -141,17 +142,30 @@ def _structured_plan(layers: int, scale: int, policy: str):
     return plan, saved_per_layer
 
 
+def _global_batch_arrays(plan, batch: int, scale: int) -> set[str]:
+    """Shapes ``[batch, tokens, ...]`` in the partitioned program: with one pack per device every
+    per-token activation has batch 1 on a device, so such an array is a computation that left the
+    batch sharding (the chunked attention's per-pack block gather, indexed with ``arange(B)``, was
+    all-gathered: ``[8,1152,...]`` / ``[8,768,...]`` here, ``f32[64,24576,4,128]`` in the 7B plan).
+    Rank >= 3 only: ``[8, 128]`` parameter shards are legitimate."""
+    lengths = (576 * scale, 384 * scale, 960 * scale)  # und, gen, both (_structured_plan's packs)
+    pattern = rf"\[{batch},({'|'.join(map(str, lengths))}),"
+    return {m.group(0) for m in re.finditer(pattern, plan.hlo_text)}
+
+
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
 def test_step_memory_grows_linearly_in_pack_length_and_layers(policy):
     """Regression guard for the 7B step's memory: temporaries per device grow at most linearly
     with the pack length (the hoisted [blocks x blocks] attention masks grew quadratically) and,
     per added layer (nothing_saveable), by no more than the saved layer input plus the layer's
-    gradient shard. Without the attention's optimisation barrier, dots_saveable grows 3.5x for
+    gradient shard; and no per-token array of the global batch exists on a device. Without the attention's optimisation barrier, dots_saveable grows 3.5x for
     packs twice as long (measured), which the length check catches."""
     base, _ = _structured_plan(layers=2, scale=1, policy=policy)
     longer, saved = _structured_plan(layers=2, scale=2, policy=policy)
     deeper, _ = _structured_plan(layers=4, scale=2, policy=policy)
     t1, t2, t4 = base.memory.temporaries, longer.memory.temporaries, deeper.memory.temporaries
+    leaks = _global_batch_arrays(longer, longer.batch_size, scale=2)
+    assert longer.hlo_text and longer.num_devices == longer.batch_size == 8 and not leaks, leaks
     assert t2 <= 2.2 * t1, f"temporaries {t1} -> {t2} bytes for packs twice as long: more than linear"
     if policy != "nothing_saveable":
         return  # dots_saveable keeps every layer's matmul outputs by design; the length check is the guard
