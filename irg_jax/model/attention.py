@@ -186,14 +186,7 @@ def _take(blocks, j):
     """Block ``j[b]`` of pack b, for a blocked array [n, B, blk, ...] or blocked metadata -> [B, blk, ...]."""
     if isinstance(blocks, TokenMeta):
         return TokenMeta(*(_take(a, j) for a in blocks))
-    # vmapped over the packs: a gather with a batch dimension, which the SPMD partitioner keeps
-    # sharded along the batch axes (indexing with ``arange(B)`` all-gathered the blocks)
-    return jax.vmap(lambda blk, jj: blk[jj], in_axes=(1, 0))(blocks, j)
-
-
-def _add_at(acc, j, update):
-    """acc[j[b], b] += update[b] for a blocked array acc [n, B, ...], per pack (batch-sharded)."""
-    return jax.vmap(lambda a, jj, u: a.at[jj].add(u), in_axes=(1, 0, 0), out_axes=1)(acc, j, update)
+    return blocks[j, jnp.arange(j.shape[0])]
 
 
 def _hm_scores(qb, kb, mask):
@@ -248,6 +241,7 @@ def _flash_backward(q, k, v, qm, km, k_idx, k_count, out, lse, dout):
     """Gradients for q, k, v (blocked layouts as in _flash_forward; the same tiles visited)."""
     q, qm, km = _tie_metadata(q, qm, km)
     delta = jnp.einsum("nbhgqd,nbhgqd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    packs = jnp.arange(q.shape[1])
 
     def q_block(dkv, args):
         qb, qmb, dob, lseb, deltab, idx, count = args
@@ -264,7 +258,7 @@ def _flash_backward(q, k, v, qm, km, k_idx, k_count, out, lse, dout):
             dq = dq + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kb, preferred_element_type=jnp.float32)
             dk = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qb, preferred_element_type=jnp.float32)
             # a pack past its count repeats its last block with zero gradients: adding them is exact
-            return dq, _add_at(dk_all, j, dk), _add_at(dv_all, j, dv)
+            return dq, dk_all.at[j, packs].add(dk), dv_all.at[j, packs].add(dv)
 
         dq, dk_all, dv_all = jax.lax.fori_loop(0, jnp.max(count), k_block, (jnp.zeros(qb.shape, jnp.float32), *dkv))
         return (dk_all, dv_all), dq
