@@ -91,9 +91,9 @@ def attention_pairs(doc_id, split_id, split_mode, seq_pos, *, block_q: int, bloc
     """float32 [2]: (allowed (q, k) pairs, computed (q, k) pairs) summed over a batch [B, L].
 
     Computed pairs: ``block_q·block_k`` per tile with at least one allowed pair. The Pallas
-    kernels walk each pack's own tile list (``impl`` "pallas"); ``chunked`` walks each pack's own
-    list too, but all packs of the batch step together, so for each query block every pack computes
-    as many tiles as the pack with the most; ``dense`` computes ``L²`` per pack.
+    kernels walk each pack's own tile list (``impl`` "pallas"); ``chunked`` skips a tile only
+    when it is empty in every pack of the batch (one ``lax.cond`` per tile over the batch), so
+    it computes the union of the packs' tiles for each pack; ``dense`` computes ``L²`` per pack.
     One query block at a time, so the memory is ``B·block_q·L`` booleans."""
     meta = TokenMeta(*(jnp.asarray(a, jnp.int32) for a in (doc_id, split_id, split_mode, seq_pos)))
     b, length = meta.doc_id.shape
@@ -108,10 +108,10 @@ def attention_pairs(doc_id, split_id, split_mode, seq_pos, *, block_q: int, bloc
     def one(qm: TokenMeta):
         tile = mask_rule(*(a[:, :, None] for a in qm), *k_fields)  # [B, bq, nk*bk]
         allowed = tile.sum(dtype=jnp.float32)
-        tiles = tile.reshape(b, bq, nk, bk).any(axis=(1, 3)).sum(axis=1, dtype=jnp.float32)  # [B]
-        if impl == "chunked":  # all packs step together, as many steps as the pack with the most tiles
-            tiles = jnp.broadcast_to(tiles.max(), tiles.shape)
-        return jnp.stack([allowed, tiles.sum() * bq * bk])
+        tiles = tile.reshape(b, bq, nk, bk).any(axis=(1, 3))  # [B, nk]
+        if impl == "chunked":
+            tiles = jnp.broadcast_to(tiles.any(axis=0), tiles.shape)
+        return jnp.stack([allowed, tiles.sum(dtype=jnp.float32) * bq * bk])
 
     out = jax.lax.map(one, q_blocks).sum(0)
     if impl == "dense":
