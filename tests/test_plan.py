@@ -145,7 +145,7 @@ def _structured_plan(layers: int, scale: int, policy: str):
 def _global_batch_arrays(plan, batch: int, scale: int) -> set[str]:
     """Shapes ``[batch, tokens, ...]`` in the partitioned program: with one pack per device every
     per-token activation has batch 1 on a device, so such an array is a computation that left the
-    batch sharding (the chunked attention's per-pack block gather, indexed with ``arange(B)``, was
+    batch sharding (a per-pack block gather in a reverted attention variant, indexed with ``arange(B)``, was
     all-gathered: ``[8,1152,...]`` / ``[8,768,...]`` here, ``f32[64,24576,4,128]`` in the 7B plan).
     Rank >= 3 only: ``[8, 128]`` parameter shards are legitimate."""
     lengths = (576 * scale, 384 * scale, 960 * scale)  # und, gen, both (_structured_plan's packs)

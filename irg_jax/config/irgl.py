@@ -124,8 +124,7 @@ def irgl_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
             c.data.tokenizer_path = kv["tokenizer"]
         # Block-sparse attention: small blocks let the packed step skip the blocks between the
         # demo's short documents (bench/demo_images.py: 32-token blocks ran the demo's stage-1 step
-        # 1.3-1.4x faster than 128-token blocks, and 128 was 3.7x faster than 512; since `chunked`
-        # walks per-pack tile lists, 16-, 32- and 64-token blocks are within 3% of each other).
+        # 1.3-1.4x faster than 128-token blocks, and 128 was 3.7x faster than 512).
         c.model.attention.block_q = c.model.attention.block_k = 32 if variant == "demo" else 128
         # Trained from scratch, the demo needs an unconditional branch for CFG (IRG fine-tunes
         # BAGEL, which learned one in pre-training, so IRG's own text dropout is 0).
