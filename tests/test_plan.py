@@ -142,14 +142,15 @@ def _structured_plan(layers: int, scale: int, policy: str):
     return plan, saved_per_layer
 
 
-def _global_batch_arrays(plan, batch: int, scale: int) -> set[str]:
+def _global_batch_arrays(plan) -> set[str]:
     """Shapes ``[batch, tokens, ...]`` in the partitioned program: with one pack per device every
     per-token activation has batch 1 on a device, so such an array is a computation that left the
     batch sharding (a per-pack block gather in a reverted attention variant, indexed with ``arange(B)``, was
     all-gathered: ``[8,1152,...]`` / ``[8,768,...]`` here, ``f32[64,24576,4,128]`` in the 7B plan).
     Rank >= 3 only: ``[8, 128]`` parameter shards are legitimate."""
-    lengths = (576 * scale, 384 * scale, 960 * scale)  # und, gen, both (_structured_plan's packs)
-    pattern = rf"\[{batch},({'|'.join(map(str, lengths))}),"
+    b = plan.budgets
+    lengths = (b.und_len, b.gen_len, b.und_len + b.gen_len)
+    pattern = rf"\[{plan.batch_size},({'|'.join(map(str, lengths))}),"
     return {m.group(0) for m in re.finditer(pattern, plan.hlo_text)}
 
 
@@ -164,7 +165,7 @@ def test_step_memory_grows_linearly_in_pack_length_and_layers(policy):
     longer, saved = _structured_plan(layers=2, scale=2, policy=policy)
     deeper, _ = _structured_plan(layers=4, scale=2, policy=policy)
     t1, t2, t4 = base.memory.temporaries, longer.memory.temporaries, deeper.memory.temporaries
-    leaks = _global_batch_arrays(longer, longer.batch_size, scale=2)
+    leaks = _global_batch_arrays(longer)
     assert longer.hlo_text and longer.num_devices == longer.batch_size == 8 and not leaks, leaks
     assert t2 <= 2.2 * t1, f"temporaries {t1} -> {t2} bytes for packs twice as long: more than linear"
     if policy != "nothing_saveable":

@@ -267,15 +267,18 @@ def training_flops(model_cfg, **shapes) -> int:
 def recompute_flops(model_cfg, **shapes) -> float:
     """FLOPs that rematerialisation adds to a training step (on top of :func:`training_flops`).
 
-    With ``remat`` the backward re-runs each decoder layer and ViT block once; with
-    ``layers_per_save = k`` the decoder's backward first re-runs k - 1 of every k layers to
+    With ``remat`` the backward re-runs each decoder layer and ViT block once (an upper bound
+    for the policies that save matmul outputs); with scanned layers under ``nothing_saveable``
+    and ``layers_per_save = k`` the decoder's backward first re-runs k - 1 of every k layers to
     recover their inputs (:mod:`irg_jax.model.layer_scan`), (k - 1) / k more decoder forwards.
     """
-    if not model_cfg.get("remat", False):
+    policy = remat.policy_name(model_cfg)
+    if policy == "none":
         return 0.0
     f = forward_flops(model_cfg, **shapes)
     decoder = f["llm_projections_mlp"] + f["llm_attention"]
-    k = int(model_cfg.get("layers_per_save", 1)) if model_cfg.get("scan_layers", False) else 1
+    scanned = model_cfg.get("scan_layers", False) and policy == "nothing_saveable"
+    k = int(model_cfg.get("layers_per_save", 1)) if scanned else 1
     return float(decoder * (1 + (k - 1) / k) + f.get("vit", 0))
 
 
