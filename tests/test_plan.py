@@ -107,6 +107,10 @@ def test_planned_memory_matches_a_real_step(planned):
     window = setup.new_window(0)
     with setup.active():
         compiled = setup.step.lower(state, batch, window, *setup.constants).compile()
+        # XLA:CPU runs independent thunks concurrently: a loop holding a collective can then meet
+        # another collective in a different order on different devices (a rendezvous deadlock:
+        # the MFU pair count's loop all-reduce against the attention's resharding all-to-all).
+        assert _loops_with_collectives(compiled.as_text()) == [], "the step has loops that hold collectives"
         state, window, metrics = compiled(state, batch, window, *setup.constants)
     jax.block_until_ready((state, window, metrics))
     gc.collect()
@@ -123,6 +127,58 @@ def test_planned_memory_matches_a_real_step(planned):
     assert abs(mem["peak"] - measured) <= 0.2 * measured, (mem, live, measured)
     # The step really ran: an empty pack has zero loss and gradient, so the update is applied.
     assert int(state.step) == 1 and int(window["steps"]) == 1 and bool(metrics["finite"])
+
+
+_COLLECTIVE = re.compile(r"= \S+ (all-reduce|all-to-all|all-gather|collective-permute|reduce-scatter)(-start)?\(")
+_CALLEE = re.compile(r"(?:body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
+
+
+def _loops_with_collectives(hlo: str) -> list[str]:
+    """op_name of every while / conditional of an HLO module whose computations hold a collective."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in hlo.split("\n"):
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name = head.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+
+    def callees(text: str) -> set[str]:
+        out = set(_CALLEE.findall(text))
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", text):
+            out |= {c.strip().lstrip("%") for c in group.split(",")}
+        return out
+
+    memo: dict[str, bool] = {}
+
+    def holds(comp: str, seen: frozenset = frozenset()) -> bool:
+        if comp not in memo:
+            text = "\n".join(comps.get(comp, ()))
+            memo[comp] = bool(_COLLECTIVE.search(text)) or any(
+                holds(c, seen | {comp}) for c in callees(text) if c not in seen)
+        return memo[comp]
+
+    found = []
+    for lines in comps.values():
+        for line in lines:
+            if (" while(" in line or " conditional(" in line) and any(holds(c) for c in callees(line)):
+                op = re.search(r'op_name="([^"]*)"', line)
+                found.append(op.group(1) if op else line.strip()[:120])
+    return found
+
+
+def test_loop_finder_sees_a_collective_in_a_loop():
+    """The check above can fail: a scan whose body sums a sharded array holds an all-reduce."""
+    mesh = build_mesh(dict(data=1, fsdp=8, tensor=1))
+    x = jax.device_put(np.ones((8, 4), np.float32), NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+
+    def f(x):
+        return jax.lax.fori_loop(0, x.shape[1], lambda i, c: c + x[:, i].sum(), 0.0)
+
+    text = jax.jit(f).lower(x).compile().as_text()
+    assert _loops_with_collectives(text), "no loop with a collective found"
 
 
 def _structured_plan(layers: int, scale: int, policy: str):

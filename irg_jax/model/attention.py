@@ -17,8 +17,8 @@ signature ``fn(q, k, v, q_meta, k_meta, *, block_q, block_k) -> out``:
 arrays ``[B, Lq]`` / ``[B, Lk]``, output ``[B, Lq, Hq, D]`` in ``q.dtype``.
 
 * ``chunked``: flash-style; query blocks x key blocks with an online softmax, a custom
-  VJP that recomputes probabilities blockwise, and fully masked blocks skipped. Memory is
-  O(L) in the sequence; no L x L array exists.
+  VJP that recomputes probabilities blockwise; each query block loops over its own list of
+  key blocks with an allowed pair, per pack. Memory is O(block_q x L); no L x L array exists.
 * ``dense``: materialises the full mask; a reference for tests and tiny inputs.
 * ``pallas_tpu`` / ``pallas_gpu``: Pallas kernels (``irg_jax.model.kernels``) that visit only
   the (query, key) blocks with an allowed pair, from per-block lists derived from the metadata.
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from irg_jax.data.packed_batch import CAUSAL, NOISE
+from irg_jax.parallel import sharding
 
 INVALID_DOC = -1  # keys in no document: empty cache slots, block padding
 _PAD_QUERY_DOC = -2  # query block padding (attends to nothing)
@@ -93,8 +94,24 @@ def get(name: str) -> AttentionFn:
 
 
 def attend(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, attn_cfg) -> jax.Array:
-    """Dispatch on ``attn_cfg.impl`` (a ``model.attention`` ConfigDict)."""
-    return get(attn_cfg.impl)(q, k, v, q_meta, k_meta, block_q=attn_cfg.block_q, block_k=attn_cfg.block_k)
+    """Dispatch on ``attn_cfg.impl`` (a ``model.attention`` ConfigDict), one call per device.
+
+    On a mesh, every impl runs inside ``shard_map`` on the device's own packs (the ``batch``
+    rule) and kv-head groups (the ``kv_heads`` rule, used for the query heads too so that a GQA
+    group stays on one device), with whole sequences: packs are independent, so the call needs
+    no collective. This is what lets ``chunked`` loop over each pack's own tile list (trip
+    counts differ between devices) and what a Pallas kernel, which the SPMD partitioner cannot
+    split, needs on a pod.
+    """
+    fn = get(attn_cfg.impl)
+    heads = "kv_heads" if sharding.splits("kv_heads", k.shape[2]) else None
+    x_names, m_names = ("batch", None, heads, None), TokenMeta(*[("batch", None)] * 4)
+
+    def local(q, k, v, q_meta, k_meta):
+        return fn(q, k, v, q_meta, k_meta, block_q=attn_cfg.block_q, block_k=attn_cfg.block_k)
+
+    return sharding.per_device(local, (q, k, v, q_meta, k_meta), (x_names, x_names, x_names, m_names, m_names),
+                               x_names)
 
 
 def _check_shapes(q, k, v):
@@ -182,87 +199,127 @@ def _tie_metadata(q, qm, km):
     return jax.lax.optimization_barrier((q, qm, km))
 
 
-def _flash_forward(q, k, v, qm, km):
-    """q [nq, B, bq, Hk, G, D], k/v [nk, B, bk, Hk, D] -> out like q, lse [nq, B, Hk, G, bq]."""
+def _take(blocks, j):
+    """Block ``j[b]`` of pack b, for a blocked array [n, B, blk, ...] or blocked metadata -> [B, blk, ...]."""
+    if isinstance(blocks, TokenMeta):
+        return TokenMeta(*(_take(a, j) for a in blocks))
+    return blocks[j, jnp.arange(j.shape[0])]
+
+
+def _hm_scores(qb, kb, mask):
+    """Head-major tile scores [B, Hk, G, bq, bk] in fp32, masked to _NEG; mask [B, 1, 1, bq, bk]."""
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * qb.shape[-1] ** -0.5
+    return jnp.where(mask, s, _NEG)
+
+
+def _flash_forward(q, k, v, qm, km, k_idx, k_count):
+    """q [nq, B, Hk, G, bq, D], k/v [nk, B, Hk, bk, D] -> out like q, lse [nq, B, Hk, G, bq].
+
+    Head-major blocks, so that every tile product is a batched matmul over (pack, kv head) with
+    no per-tile transposes. Step t of query block i attends pack b's queries to its key block
+    ``k_idx[i, b, t]``, the t-th of the ``k_count[i, b]`` key blocks with an allowed pair for that
+    pack (ascending; steps past a pack's count are masked out for it): each pack computes only
+    its own tiles, and every step still works on all packs at once. Skipping the other tiles is
+    exact (an all-masked tile leaves the online softmax unchanged). Demo stage-1 step
+    (bench/demo_images.py, same process, alternating): 0.608 -> 0.505 s against one
+    ``lax.cond`` per tile that skipped a tile only when it was empty in every pack.
+    """
     q, qm, km = _tie_metadata(q, qm, km)
-    nq, b, bq, hk, g, d = q.shape
+    nq, b, hk, g, bq, d = q.shape
 
     def q_block(args):
-        qb, qmb = args
+        qb, qmb, idx, count = args
 
-        def k_block(carry, kargs):
-            kb, vb, kmb = kargs
-            mask = allowed_mask(qmb, kmb)[:, None, None]
+        def k_block(t, carry):
+            j = idx[:, t]
+            mask = (allowed_mask(qmb, _take(km, j)) & (t < count)[:, None, None])[:, None, None]
+            m, l, acc = carry
+            vb = _take(v, j)
+            s = _hm_scores(qb, _take(k, j), mask)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            acc = acc * corr[..., None] + jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(vb.dtype), vb,
+                                                     preferred_element_type=jnp.float32)
+            return m_new, l * corr + p.sum(-1), acc
 
-            def compute(carry):
-                return online_softmax_block(carry, qb, kb, vb, mask)
-
-            return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry), None
-
-        init = (jnp.full((b, hk, g, bq), _NEG, jnp.float32), jnp.zeros((b, hk, g, bq), jnp.float32),
-                jnp.zeros((b, hk, g, bq, d), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(k_block, init, (k, v, km))
+        # *_like(qb): the carries vary over the devices like qb does (inside shard_map)
+        init = (jnp.full_like(qb[..., 0], _NEG, jnp.float32), jnp.zeros_like(qb[..., 0], jnp.float32),
+                jnp.zeros_like(qb, jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, jnp.max(count), k_block, init)
         safe_l = jnp.where(l > 0, l, 1.0)
         out = acc / safe_l[..., None]
         lse = jnp.where(l > 0, m + jnp.log(safe_l), _NEG)
-        return jnp.moveaxis(out, 3, 1).astype(qb.dtype), lse  # out [B, bq, Hk, G, D]
+        return out.astype(qb.dtype), lse  # out [B, Hk, G, bq, D]
 
-    return jax.lax.map(q_block, (q, qm))
+    return jax.lax.map(q_block, (q, qm, k_idx, k_count))
 
 
-def _flash_backward(q, k, v, qm, km, out, lse, dout):
-    """Gradients for q, k, v (blocked layouts as in _flash_forward)."""
+def _flash_backward(q, k, v, qm, km, k_idx, k_count, out, lse, dout):
+    """Gradients for q, k, v (blocked layouts as in _flash_forward; the same tiles visited)."""
     q, qm, km = _tie_metadata(q, qm, km)
-    delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.einsum("nbhgqd,nbhgqd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    packs = jnp.arange(q.shape[1])
 
     def q_block(dkv, args):
-        qb, qmb, dob, lseb, deltab = args
+        qb, qmb, dob, lseb, deltab, idx, count = args
 
-        def k_block(dq, kargs):
-            kb, vb, kmb = kargs
-            mask = allowed_mask(qmb, kmb)[:, None, None]
+        def k_block(t, carry):
+            dq, dk_all, dv_all = carry
+            j = idx[:, t]
+            kb, vb = _take(k, j), _take(v, j)
+            mask = (allowed_mask(qmb, _take(km, j)) & (t < count)[:, None, None])[:, None, None]
+            p = jnp.where(mask, jnp.exp(_hm_scores(qb, kb, mask) - lseb[..., None]), 0.0)
+            dv = jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bhgqd,bhkd->bhgqk", dob, vb, preferred_element_type=jnp.float32)
+            ds = (p * (dp - deltab[..., None]) * qb.shape[-1] ** -0.5).astype(qb.dtype)
+            dq = dq + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kb, preferred_element_type=jnp.float32)
+            dk = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qb, preferred_element_type=jnp.float32)
+            # a pack past its count repeats its last block with zero gradients: adding them is exact
+            return dq, dk_all.at[j, packs].add(dk), dv_all.at[j, packs].add(dv)
 
-            def compute(dq):
-                p = jnp.where(mask, jnp.exp(_block_scores(qb, kb, mask) - lseb[..., None]), 0.0)
-                dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, preferred_element_type=jnp.float32)
-                ds = (p * (dp - deltab[..., None]) * qb.shape[-1] ** -0.5).astype(qb.dtype)
-                dq = dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds, kb, preferred_element_type=jnp.float32)
-                dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qb, preferred_element_type=jnp.float32)
-                return dq, (dk, dv)
+        dq, dk_all, dv_all = jax.lax.fori_loop(0, jnp.max(count), k_block, (jnp.zeros_like(qb, jnp.float32), *dkv))
+        return (dk_all, dv_all), dq
 
-            def skip(dq):
-                zeros = jnp.zeros(kb.shape, jnp.float32)
-                return dq, (zeros, zeros)
-
-            return jax.lax.cond(jnp.any(mask), compute, skip, dq)
-
-        dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), (k, v, km))
-        return (dkv[0] + dk, dkv[1] + dv), dq
-
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), (q, qm, dout, lse, delta))
+    zeros = jnp.zeros_like(k, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), (q, qm, dout, lse, delta, k_idx, k_count))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @jax.custom_vjp
-def _flash(q, k, v, qm, km):
+def _flash(q, k, v, qm, km, k_idx, k_count):
     """Softmax(q k^T / sqrt(D)) v under the metadata mask; blocked layouts as in _flash_forward."""
-    return _flash_forward(q, k, v, qm, km)[0]
+    return _flash_forward(q, k, v, qm, km, k_idx, k_count)[0]
 
 
-def _flash_fwd(q, k, v, qm, km):
-    out, lse = _flash_forward(q, k, v, qm, km)
-    return out, (q, k, v, qm, km, out, lse)
+def _flash_fwd(q, k, v, qm, km, k_idx, k_count):
+    out, lse = _flash_forward(q, k, v, qm, km, k_idx, k_count)
+    return out, (q, k, v, qm, km, k_idx, k_count, out, lse)
 
 
 def _flash_bwd(res, dout):
-    q, k, v, qm, km, out, lse = res
-    dq, dk, dv = _flash_backward(q, k, v, qm, km, out, lse, dout)
-    return dq, dk, dv, None, None
+    q, k, v, qm, km, k_idx, k_count, out, lse = res
+    dq, dk, dv = _flash_backward(q, k, v, qm, km, k_idx, k_count, out, lse, dout)
+    return dq, dk, dv, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _tile_lists(qm: TokenMeta, km: TokenMeta):
+    """Blocked metadata -> (int32 [nq, B, nk]: per query block and pack, the key blocks with an
+    allowed pair, ascending, first; int32 [nq, B]: their counts). Exact, one query block at a
+    time (O(B x block_q x Lk) live values)."""
+    from irg_jax.model.kernels import block_lists  # imports this module
+
+    k_fields = tuple(_unblocks(a)[:, None, :] for a in km)  # [B, 1, Lk]
+    nk, b, bk = km.doc_id.shape
+
+    def one_query_block(qmb: TokenMeta) -> jax.Array:
+        tile = mask_rule(*(a[:, :, None] for a in qmb), *k_fields)  # [B, bq, Lk]
+        return tile.reshape(b, -1, nk, bk).any(axis=(1, 3))  # [B, nk]
+
+    return block_lists.lists_from_mask(jax.lax.map(one_query_block, qm))
 
 
 @register("chunked")
@@ -273,12 +330,14 @@ def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q:
     lk, hk = k.shape[1], k.shape[2]
     bq, bk = min(block_q, lq), min(block_k, lk)
     nq, nk = -(-lq // bq), -(-lk // bk)
-    qg = _blocks(_pad_to(q, 1, nq * bq, 0).reshape(b, nq * bq, hk, hq // hk, d), nq)
-    kb = _blocks(_pad_to(k, 1, nk * bk, 0), nk)
-    vb = _blocks(_pad_to(v, 1, nk * bk, 0), nk)
+    # head-major blocks: q [nq, B, Hk, G, bq, D], k/v [nk, B, Hk, bk, D]
+    qg = jnp.moveaxis(_blocks(_pad_to(q, 1, nq * bq, 0).reshape(b, nq * bq, hk, hq // hk, d), nq), 2, 4)
+    kb = jnp.moveaxis(_blocks(_pad_to(k, 1, nk * bk, 0), nk), 2, 3)
+    vb = jnp.moveaxis(_blocks(_pad_to(v, 1, nk * bk, 0), nk), 2, 3)
     qm = _meta_blocks(q_meta, nq, nq * bq, _PAD_QUERY_DOC)
     km = _meta_blocks(k_meta, nk, nk * bk, INVALID_DOC)
-    out = _flash(qg, kb, vb, qm, km)
+    k_idx, k_count = _tile_lists(qm, km)
+    out = jnp.moveaxis(_flash(qg, kb, vb, qm, km, k_idx, k_count), 4, 2)
     return _unblocks(out)[:, :lq].reshape(b, lq, hq, d)
 
 

@@ -177,3 +177,37 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(names, rules, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def per_device(fn, args: Sequence[Any], names: Sequence[Any], out_names: Any):
+    """``fn(*args)`` run on each device's own shard of its arguments (``jax.shard_map``).
+
+    ``names`` gives each argument's logical axis names (a pytree of name tuples matching the
+    argument's arrays), ``out_names`` the output's. For computations whose control flow depends
+    on the data (per-pack loop trip counts): under the SPMD partitioner such a loop may hold
+    collectives that devices with different trip counts would reach in different orders
+    (a deadlock); inside ``shard_map`` each device runs its own loop on local data and no
+    collective exists. Axes the rules do not use for an argument are replicated into the
+    call; a dimension the mesh axes do not divide stays whole. Without a mesh of more than one
+    device, or without active rules, ``fn`` is called directly.
+    """
+    rules = _ACTIVE_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh is None or mesh.empty or mesh.size == 1:
+        return fn(*args)
+    is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
+    specs = jax.tree.map(lambda n, a: logical_to_spec(n, rules, a.shape, mesh), list(names), list(args),
+                         is_leaf=is_names)
+    out_shape = jax.eval_shape(fn, *args)
+    out_spec = jax.tree.map(lambda n, a: logical_to_spec(n, rules, a.shape, mesh), out_names, out_shape,
+                            is_leaf=is_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*args)
+
+
+def splits(name: str, size: int) -> bool:
+    """Whether the active rules shard a dimension of ``size`` named ``name`` on the current mesh."""
+    rules = _ACTIVE_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh is None or mesh.empty:
+        return False
+    return logical_to_spec((name,), rules, (size,), mesh) != P(None)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from irg_jax.model.attention import TokenMeta, mask_rule
+from irg_jax.parallel import sharding
 
 # Substring of jax.Device.device_kind (lower case) -> peak FLOP/s per device.
 PEAK_FLOPS = (
@@ -91,11 +92,21 @@ def attention_pairs(doc_id, split_id, split_mode, seq_pos, *, block_q: int, bloc
     """float32 [2]: (allowed (q, k) pairs, computed (q, k) pairs) summed over a batch [B, L].
 
     Computed pairs: ``block_q·block_k`` per tile with at least one allowed pair. The Pallas
-    kernels walk each pack's own tile list (``impl`` "pallas"); ``chunked`` skips a tile only
-    when it is empty in every pack of the batch (one ``lax.cond`` per tile over the batch), so
-    it computes the union of the packs' tiles for each pack; ``dense`` computes ``L²`` per pack.
-    One query block at a time, so the memory is ``B·block_q·L`` booleans."""
+    kernels walk each pack's own tile list (``impl`` "pallas"); ``chunked`` walks each pack's own
+    list too, but the packs on one device step together, so for each query block every pack
+    computes as many tiles as that device's pack with the most; ``dense`` computes ``L²`` per pack.
+    One query block at a time, so the memory is ``B·block_q·L`` booleans. On a mesh the packs
+    are counted on their own devices (``shard_map``, as the attention runs): no collective
+    inside the loop, one sum after it."""
     meta = TokenMeta(*(jnp.asarray(a, jnp.int32) for a in (doc_id, split_id, split_mode, seq_pos)))
+    names = TokenMeta(*[("batch", None)] * 4)
+    per_pack = sharding.per_device(functools.partial(_pack_pairs, block_q=block_q, block_k=block_k, impl=impl),
+                                   (meta,), (names,), ("batch", None))
+    return per_pack.sum(0)
+
+
+def _pack_pairs(meta: TokenMeta, *, block_q: int, block_k: int, impl: str) -> jax.Array:
+    """float32 [B, 2]: :func:`attention_pairs` of each pack of ``meta`` (the packs of one device)."""
     b, length = meta.doc_id.shape
     bq, bk = min(block_q, length), min(block_k, length)
     nq, nk = -(-length // bq), -(-length // bk)
@@ -107,15 +118,15 @@ def attention_pairs(doc_id, split_id, split_mode, seq_pos, *, block_q: int, bloc
 
     def one(qm: TokenMeta):
         tile = mask_rule(*(a[:, :, None] for a in qm), *k_fields)  # [B, bq, nk*bk]
-        allowed = tile.sum(dtype=jnp.float32)
-        tiles = tile.reshape(b, bq, nk, bk).any(axis=(1, 3))  # [B, nk]
-        if impl == "chunked":
-            tiles = jnp.broadcast_to(tiles.any(axis=0), tiles.shape)
-        return jnp.stack([allowed, tiles.sum(dtype=jnp.float32) * bq * bk])
+        allowed = tile.sum(axis=(1, 2), dtype=jnp.float32)
+        tiles = tile.reshape(b, bq, nk, bk).any(axis=(1, 3)).sum(axis=1, dtype=jnp.float32)  # [B]
+        if impl == "chunked":  # the packs step together, as many steps as the pack with the most tiles
+            tiles = jnp.broadcast_to(tiles.max(), tiles.shape)
+        return jnp.stack([allowed, tiles * bq * bk], axis=1)
 
     out = jax.lax.map(one, q_blocks).sum(0)
     if impl == "dense":
-        out = out.at[1].set(float(b * length * length))
+        out = out.at[:, 1].set(float(length * length))
     return out
 
 
