@@ -83,7 +83,7 @@ class DemoPlan:
     system_prompt: str = "tiny"
 
 
-FULL = DemoPlan(trajectories=4000, stage1_steps=700, stage2_steps=200, prompts=120, samples_per_prompt=2,
+FULL = DemoPlan(trajectories=4000, stage1_steps=1200, stage2_steps=200, prompts=120, samples_per_prompt=2,
                 baseline_prompts=24, flow_steps=20, max_think_tokens=160, own_images=400)
 QUICK = DemoPlan(trajectories=800, stage1_steps=40, stage2_steps=15, prompts=16, samples_per_prompt=1,
                  baseline_prompts=8, flow_steps=10, max_think_tokens=160, own_images=32)
