@@ -176,13 +176,17 @@ def online_softmax_block(carry, qb, kb, vb, mask):
 
     ``qb [B, bq, Hk, G, D]``, ``kb/vb [B, bk, Hk, D]``, ``mask [B, 1, 1, bq, bk]``.
     """
+    return online_softmax_update(carry, _block_scores(qb, kb, mask), mask, vb, "bhgqk,bkhd->bhgqd")
+
+
+def online_softmax_update(carry, s, mask, vb, pv_spec: str):
+    """Fold one tile's masked scores ``s [B, Hk, G, bq, bk]`` into the online softmax carry
+    (max, sum, acc); ``pv_spec`` is the einsum of the probabilities with the values ``vb``."""
     m, l, acc = carry
-    s = _block_scores(qb, kb, mask)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
-    acc = acc * corr[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb,
-                                             preferred_element_type=jnp.float32)
+    acc = acc * corr[..., None] + jnp.einsum(pv_spec, p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
     return m_new, l * corr + p.sum(-1), acc
 
 
@@ -233,15 +237,8 @@ def _flash_forward(q, k, v, qm, km, k_idx, k_count):
         def k_block(t, carry):
             j = idx[:, t]
             mask = (allowed_mask(qmb, _take(km, j)) & (t < count)[:, None, None])[:, None, None]
-            m, l, acc = carry
-            vb = _take(v, j)
-            s = _hm_scores(qb, _take(k, j), mask)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-            corr = jnp.exp(m - m_new)
-            acc = acc * corr[..., None] + jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(vb.dtype), vb,
-                                                     preferred_element_type=jnp.float32)
-            return m_new, l * corr + p.sum(-1), acc
+            return online_softmax_update(carry, _hm_scores(qb, _take(k, j), mask), mask, _take(v, j),
+                                         "bhgqk,bhkd->bhgqd")
 
         # *_like(qb): the carries vary over the devices like qb does (inside shard_map)
         init = (jnp.full_like(qb[..., 0], _NEG, jnp.float32), jnp.zeros_like(qb[..., 0], jnp.float32),
