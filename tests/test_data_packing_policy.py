@@ -11,7 +11,7 @@ import pytest
 from irg_jax.config.irgl import irgl_config
 from irg_jax.data.config import budgets_from_config, policy_from_config, rules_from_config
 from irg_jax.data.irg_format import TEXT, VAE_IMAGE, VIT_IMAGE, PlanItem, Sample, SkipCounter
-from irg_jax.data.mixture import groups_from_config
+from irg_jax.data.mixture import groups_from_config, stage1_groups
 from irg_jax.data.pack_policy import GroupChoice, PackAssembler, UsageOnlyBuilder
 from irg_jax.data.packing import NumpyPackRandom
 
@@ -61,11 +61,17 @@ def make_sampler(groups, text_lens, vae_sides, vit_sides):
     return sample
 
 
-def simulate(config_arg, text_lens, vae_sides, vit_sides, num_packs, seed=0):
-    """Packs ``num_packs`` packs of one batch row, then ``max_wait`` more; returns what was seen."""
-    data = irgl_config(1, config_arg).data
+def simulate(config_arg, text_lens, vae_sides, vit_sides, num_packs, seed=0, stage=1):
+    """Packs ``num_packs`` packs of one batch row, then ``max_wait`` more; returns what was seen.
+
+    The config's budgets and policy with IRG's stage-1 mixture (four mandatory groups, all six
+    modes): the demo's own stage 1 draws one mode only, which would leave the mixture untested,
+    and its packs are shaped for that mode (448 text + 640 image tokens), so the demo is run with
+    its stage-2 budgets (640 + 448)."""
+    data, irg = irgl_config(stage, config_arg).data, stage1_groups()
     for name in MODE_PARTS:
         data.groups[name].paths = ("unused",)
+        data.groups[name].is_mandatory, data.groups[name].weight = irg[name].is_mandatory, irg[name].weight
     groups = [GroupChoice(g.name, g.is_mandatory, g.weight) for g in groups_from_config(data.groups)]
     policy = policy_from_config(data)
     asm = PackAssembler(groups, policy, rules_from_config(data, Ids), budgets_from_config(data)[-1], SkipCounter(),
@@ -127,9 +133,9 @@ SEVEN_B = dict(text_lens={"system": 150, "prompt": (20, 80), "think1": (100, 400
                vae_sides=(512, 768, 1024), vit_sides=(378, 672, 980))
 
 
-@pytest.mark.parametrize("arg,lens,num_packs", [("demo", DEMO, 800), ("bagel_7b_mot", SEVEN_B, 400)])
-def test_nothing_lost_fifo_and_mixture(arg, lens, num_packs):
-    run = simulate(arg, num_packs=num_packs, **lens)
+@pytest.mark.parametrize("arg,lens,num_packs,stage", [("demo", DEMO, 800, 2), ("bagel_7b_mot", SEVEN_B, 400, 1)])
+def test_nothing_lost_fifo_and_mixture(arg, lens, num_packs, stage):
+    run = simulate(arg, num_packs=num_packs, stage=stage, **lens)
     # every sample drawn in the first num_packs packs is packed, once, within max_wait packs
     worst = check_nothing_lost(run, num_packs)
     assert run["totals"]["drawn"] > 4 * num_packs  # the four mandatory groups and more
