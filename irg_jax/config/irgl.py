@@ -70,22 +70,24 @@ def _small_data(stage: int, data_root: str, image: int, und_len: int, gen_len: i
 
 
 def _generation_only(groups) -> None:
-    """The demo's stage-1 mixture: initial thinking-generation only (learn image 1 from a plan).
+    """The demo's stage-1 mixture: the two initial generation modes (learn image 1 from a plan).
 
     IRG's stage 1 opens every pack with one sample of each generation mode and spends most of
     a small pack's tokens on text. Turn 1 (the demo's first score) is learned by the initial
     modes; the demo's model starts from scratch and within its budget is still learning to draw,
-    so its stage 1 trains the mode that draws most images per token, and stage 2 trains the two
-    full modes (think, image 1, reflection, image 2). Every sample then has the same shape
-    (~44 text + 64 image tokens), so ten fill a 448 + 640-token pack. bench/demo_images.py, same
-    session: 40 generation-target images per step of 4 packs at 0.485 s (the previous mixture,
-    thinking-generation 6 : full 1, mandatory, the rest 0.1-0.5: 34 at 0.52 s; with only 7% of the
-    samples from the other modes, 36.5 at 0.51 s: mixed sample lengths leave 13% of the pack
-    empty instead of 5%)."""
+    so its stage 1 trains the modes that draw most images per token: initial thinking-generation
+    (the plan given, image 1 learned) and initial full (the plan learned too, which the model
+    writes itself at inference), one of each per pack and then 1 : 1. Stage 2 trains the two full
+    modes (think, image 1, reflection, image 2). Both modes have the same shape (~44 text + 64
+    image tokens), so ten samples fill a 448 + 640-token pack. bench/demo_images.py, same session:
+    40 generation-target images per step of 4 packs at 0.47-0.52 s (the previous mixture,
+    thinking-generation 6 : full 1 with the improving and understanding modes at 0.1-0.5:
+    34 at 0.52 s; with only 7% of the samples from those other modes, 36.5 at 0.51 s: mixed
+    sample lengths leave 13% of the pack empty instead of 5%)."""
+    kept = ("initial_thinking_generation_learning", "initial_full_learning")
     for name, group in groups.items():
-        only = name == "initial_thinking_generation_learning"
-        group.is_mandatory, group.weight = only, 1.0 if only else 0.0
-        if not only:
+        group.is_mandatory, group.weight = name in kept, 1.0 if name in kept else 0.0
+        if name not in kept:
             group.paths = ()
 
 
