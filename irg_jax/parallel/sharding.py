@@ -169,11 +169,19 @@ def activation_rules(rules: Rules):
         _ACTIVE_RULES.reset(token)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Constrain an activation's sharding by logical names; a no-op without a mesh or rules."""
+def _active() -> tuple[Rules | None, Any]:
+    """(the active rules, the current abstract mesh), or (None, None) when either is missing."""
     rules = _ACTIVE_RULES.get()
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh is None or mesh.empty:
+        return None, None
+    return rules, mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding by logical names; a no-op without a mesh or rules."""
+    rules, mesh = _active()
+    if mesh is None:
         return x
     spec = logical_to_spec(names, rules, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
@@ -183,17 +191,20 @@ def per_device(fn, args: Sequence[Any], names: Sequence[Any], out_names: Any):
     """``fn(*args)`` run on each device's own shard of its arguments (``jax.shard_map``).
 
     ``names`` gives each argument's logical axis names (a pytree of name tuples matching the
-    argument's arrays), ``out_names`` the output's. For computations whose control flow depends
-    on the data (per-pack loop trip counts): under the SPMD partitioner such a loop may hold
-    collectives that devices with different trip counts would reach in different orders
-    (a deadlock); inside ``shard_map`` each device runs its own loop on local data and no
-    collective exists. Axes the rules do not use for an argument are replicated into the
-    call; a dimension the mesh axes do not divide stays whole. Without a mesh of more than one
-    device, or without active rules, ``fn`` is called directly.
+    argument's arrays), ``out_names`` the output's. Meant for computations whose control flow depends
+    on the data (per-pack loop trip counts) or that must see whole sequences (a Pallas kernel,
+    which the SPMD partitioner cannot split). Under the partitioner such a loop may hold
+    collectives, and XLA:CPU runs independent thunks concurrently, so a collective inside a
+    loop can meet another collective of the step in a different order on different devices
+    (a deadlock; found with the MFU pair count's all-reduce against the forward's all-to-all).
+    Inside ``shard_map`` each device runs its own loop on local data and no collective exists.
+    Axes the rules do not use for an argument are replicated into the call; a dimension the
+    mesh axes do not divide stays whole (the output's shapes, from ``jax.eval_shape`` at trace
+    time, decide that for ``out_names``). Without a mesh of more than one device, or without
+    active rules, ``fn`` is called directly.
     """
-    rules = _ACTIVE_RULES.get()
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh is None or mesh.empty or mesh.size == 1:
+    rules, mesh = _active()
+    if mesh is None or mesh.size == 1:
         return fn(*args)
     is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
     specs = jax.tree.map(lambda n, a: logical_to_spec(n, rules, a.shape, mesh), list(names), list(args),
@@ -206,8 +217,7 @@ def per_device(fn, args: Sequence[Any], names: Sequence[Any], out_names: Any):
 
 def splits(name: str, size: int) -> bool:
     """Whether the active rules shard a dimension of ``size`` named ``name`` on the current mesh."""
-    rules = _ACTIVE_RULES.get()
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh is None or mesh.empty:
+    rules, mesh = _active()
+    if mesh is None:
         return False
     return logical_to_spec((name,), rules, (size,), mesh) != P(None)
