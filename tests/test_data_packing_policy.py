@@ -65,9 +65,9 @@ def simulate(config_arg, text_lens, vae_sides, vit_sides, num_packs, seed=0, sta
     """Packs ``num_packs`` packs of one batch row, then ``max_wait`` more; returns what was seen.
 
     The config's budgets and policy with IRG's stage-1 mixture (four mandatory groups, all six
-    modes): the demo's own stage 1 draws one mode only, which would leave the mixture untested,
-    and its packs are shaped for that mode (448 text + 640 image tokens), so the demo is run with
-    its stage-2 budgets (640 + 448)."""
+    modes): the demo's own stage 1 draws the two initial generation modes only, which would leave
+    the mixture untested, and its packs are shaped for them (448 text + 640 image tokens), so the
+    demo is run with its stage-2 budgets (640 + 448)."""
     data, irg = irgl_config(stage, config_arg).data, stage1_groups()
     for name in MODE_PARTS:
         data.groups[name].paths = ("unused",)

@@ -78,11 +78,11 @@ def _generation_only(groups) -> None:
     so its stage 1 trains the modes that draw most images per token: initial thinking-generation
     (the plan given, image 1 learned) and initial full (the plan learned too, which the model
     writes itself at inference), one of each per pack and then 1 : 1. Stage 2 trains the two full
-    modes (think, image 1, reflection, image 2). Both modes have the same shape (~44 text + 64
-    image tokens), so ten samples fill a 448 + 640-token pack. bench/demo_images.py, same session:
+    modes (think, image 1, reflection, image 2). Both modes have the same shape (64 image tokens
+    and at most ~45 text tokens), so ten samples fill a 448 + 640-token pack. bench/demo_images.py, same session:
     40 generation-target images per step of 4 packs at 0.47-0.52 s (the previous mixture,
     thinking-generation 6 : full 1 with the improving and understanding modes at 0.1-0.5:
-    34 at 0.52 s; with only 7% of the samples from those other modes, 36.5 at 0.51 s: mixed
+    34 at 0.53 s; with only 7% of the samples from those other modes, 36.5 at 0.51 s: mixed
     sample lengths leave 13% of the pack empty instead of 5%)."""
     kept = ("initial_thinking_generation_learning", "initial_full_learning")
     for name, group in groups.items():
